@@ -1,0 +1,264 @@
+"""What every training method shares: the batch it sees and the min-max skeleton of eq. (1).
+
+eq. (1):  min_S  E_(x,y) [ L_min(S, x, x_adv, y) ],   x_adv = argmax_{||x' - x||_inf <= eps} L_max(S, x', y)
+
+A method supplies only its two losses: ``attack`` (the inner maximisation, always through
+``core.attacks.pgd.pgd``) and ``outer`` (the loss the optimiser minimises). ``Method.loss`` runs them in
+order, with the student in eval mode for the attack (train mode for ARD/IAD, a reference quirk) and in
+train mode for the outer loss. Epochs are 0-based indices, as in the reference loops
+(``for epoch in range(epochs)``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from core.attacks.pgd import LossFn, pgd
+from core.errors import ConfigError
+
+INITS = ("uniform", "normal", "none")
+
+# Range rules by parameter name, shared by every method so one name always means one thing.
+_FLOAT_RANGES: dict[str, tuple[float, float]] = {
+    "eps": (0.0, 1.0),
+    "step_size": (0.0, 1.0),
+    "alpha": (0.0, 1.0),  # ARD/IAD: (1 - alpha) weights the CE term, so alpha > 1 would reward error
+    "smoothing": (0.0, 1.0),
+    "beta": (0.0, math.inf),
+    "adv_weight": (0.0, math.inf),
+    "nat_weight": (0.0, math.inf),
+    "kl_scale": (0.0, math.inf),
+}
+_POSITIVE = {"temperature"}
+_INT_MIN = {"steps": 0, "epochs": 1, "warmup_epochs": 0}
+
+
+def full_precision(t: torch.Tensor) -> torch.Tensor:
+    """Logits from an autocast forward (bf16/fp16) cast up to fp32; fp32 and fp64 pass through."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+@dataclass
+class Batch:
+    """One training batch, plus the teacher that labels it.
+
+    The teacher's logits on ``x`` are computed on first use and cached, so several students trained on
+    the same batch share one teacher forward; do not change ``x`` after creating the batch. ``autocast``
+    wraps every teacher and student forward (the trainer passes a bf16 autocast); losses are computed
+    in fp32. ``generator`` (on x's device) drives the attacks' random starts, so a seeded run repeats.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    teacher: nn.Module | None = None
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    generator: torch.Generator | None = None
+    _teacher_logits: torch.Tensor | None = field(default=None, init=False, repr=False)
+
+    def teacher_logits(self) -> torch.Tensor:
+        """T(x) in full precision: eval mode, no grad, cached."""
+        if self._teacher_logits is None:
+            self._teacher_logits = self.teacher_logits_on(self.x)
+        return self._teacher_logits
+
+    def teacher_logits_on(self, x: torch.Tensor) -> torch.Tensor:
+        """T(x_other) in fp32, not cached (IAD's reliability on x_adv, RSLAD's adversarial-RSL ablation)."""
+        if self.teacher is None:
+            raise ConfigError("this method needs a teacher model, but none was given")
+        teacher = self.teacher
+        was_training = teacher.training
+        teacher.eval()
+        try:
+            with torch.no_grad(), self.autocast():
+                logits = teacher(x)
+        finally:
+            teacher.train(was_training)
+        return full_precision(logits)
+
+
+class Method:
+    """One training method: defaults, validated overrides, and ``loss`` for a batch.
+
+    Subclasses set ``name``, ``needs_teacher``, ``defaults`` (every hyper-parameter, with the reference
+    value), ``choices`` (allowed values of string parameters) and implement ``outer`` and, if they train
+    on adversarial examples, ``attack``. Parameters read as attributes: ``method.eps``.
+    """
+
+    name: ClassVar[str] = ""
+    needs_teacher: bool = False
+    defaults: ClassVar[dict[str, Any]] = {}
+    choices: ClassVar[dict[str, tuple[Any, ...]]] = {}
+    attack_mode: ClassVar[str] = "eval"  # the student's mode during the inner maximisation
+    epoch_keys: ClassVar[tuple[str, ...]] = ()  # epoch counts that scale with ``epochs`` like milestones
+
+    def __init__(self, **overrides: Any) -> None:
+        unknown = sorted(set(overrides) - set(self.defaults))
+        if unknown:
+            raise ConfigError(f"method {self.name!r}: unknown parameter(s) {', '.join(unknown)}; "
+                              f"allowed: {', '.join(sorted(self.defaults))}")
+        params = dict(self.defaults)
+        for key, value in overrides.items():
+            params[key] = self._check_value(key, value)
+        self.overrides = frozenset(overrides)
+        self.params = params
+        if "epochs" in overrides:
+            params["milestones"] = self.scaled_milestones(params["epochs"])
+            for key in self.epoch_keys:
+                if key not in overrides:
+                    params[key] = _scale_epoch(self.defaults[key], self.defaults["epochs"], params["epochs"])
+        self._check_params(params)
+
+    def __getattr__(self, key: str) -> Any:
+        params = self.__dict__.get("params")
+        if params is not None and key in params:
+            return params[key]
+        raise AttributeError(f"{type(self).__name__!s} has no attribute or parameter {key!r}")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.params.items())})"
+
+    # ----- the training step -------------------------------------------------------------------------
+
+    def loss(self, student: nn.Module, batch: Batch, *, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """The outer loss on this batch (to call ``backward`` on) and its terms as floats, for logging."""
+        if self.needs_teacher and batch.teacher is None:
+            raise ConfigError(f"method {self.name!r} needs a teacher model, but none was given")
+        student.train(self.attack_mode == "train")
+        try:
+            x_adv = self.attack(student, batch, epoch=epoch)
+        finally:
+            student.train()
+        loss, terms = self.outer(student, batch, x_adv, epoch=epoch)
+        logs = {"loss": float(loss.detach())}
+        logs.update({k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in terms.items()})
+        return loss, logs
+
+    def attack(self, student: nn.Module, batch: Batch, *, epoch: int) -> torch.Tensor | None:
+        """The inner maximisation; None for methods that train on clean inputs only."""
+        return None
+
+    def outer(self, student: nn.Module, batch: Batch, x_adv: torch.Tensor | None, *,
+              epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    # ----- helpers for subclasses -------------------------------------------------------------------
+
+    def ascend(self, student: nn.Module, batch: Batch, loss_fn: LossFn) -> torch.Tensor:
+        """PGD with this method's eps / step_size / steps / init; no weight gradient is touched."""
+        with batch.autocast():
+            return pgd(student, batch.x, loss_fn, eps=self.params["eps"], step_size=self.params["step_size"],
+                       steps=self.params["steps"], init=self.params["init"], generator=batch.generator)
+
+    @staticmethod
+    def logits(model: nn.Module, batch: Batch, x: torch.Tensor) -> torch.Tensor:
+        """A forward under the batch's autocast, returned in fp32 (or fp64) so losses never run in bf16."""
+        with batch.autocast():
+            out = model(x)
+        return full_precision(out)
+
+    @staticmethod
+    def ce_sum(y: torch.Tensor) -> LossFn:
+        """Summed cross-entropy for the attacks: the sum (not mean) keeps tiny per-sample gradients from
+        underflowing in bf16; PGD uses only the gradient's sign, so the scale changes nothing else."""
+        return lambda logits, _x: F.cross_entropy(full_precision(logits), y, reduction="sum")
+
+    # ----- epochs and learning-rate milestones ------------------------------------------------------
+
+    def scaled_milestones(self, epochs: int) -> tuple[int, ...]:
+        """Learning-rate milestones for a run of ``epochs`` epochs.
+
+        Milestones set explicitly are returned as given (they must lie before ``epochs``). The default
+        milestones scale with epochs / default epochs, rounded half up, kept strictly increasing inside
+        [1, epochs); ones that no longer fit are dropped (e.g. RSLAD 300 -> 30 epochs: (22, 26, 29)).
+        """
+        epochs = _as_int(self.name, "epochs", epochs, 1)
+        if "milestones" in self.overrides:
+            milestones = self.params["milestones"]
+            if milestones and milestones[-1] >= epochs:
+                raise ConfigError(f"method {self.name!r}: milestones {list(milestones)} must all be "
+                                  f"below epochs={epochs}")
+            return milestones
+        out: list[int] = []
+        for m in self.defaults["milestones"]:
+            s = max(_scale_epoch(m, self.defaults["epochs"], epochs), 1, out[-1] + 1 if out else 1)
+            if s < epochs:
+                out.append(s)
+        return tuple(out)
+
+    # ----- description and validation ---------------------------------------------------------------
+
+    @classmethod
+    def describe(cls) -> dict[str, Any]:
+        """Name, whether a teacher is needed, the reference defaults and allowed choices (CLI, API, docs)."""
+        doc = (cls.__doc__ or "").strip().splitlines()
+        return {
+            "name": cls.name,
+            "needs_teacher": cls.needs_teacher,
+            "summary": doc[0] if doc else "",
+            "defaults": {k: list(v) if isinstance(v, tuple) else v for k, v in cls.defaults.items()},
+            "choices": {k: list(v) for k, v in cls.choices.items()},
+        }
+
+    def _check_params(self, params: dict[str, Any]) -> None:
+        """Checks across parameters; subclasses extend."""
+        if "milestones" in params and "epochs" in params:
+            ms = params["milestones"]
+            if ms and ms[-1] >= params["epochs"]:
+                raise ConfigError(f"method {self.name!r}: milestones {list(ms)} must all be below "
+                                  f"epochs={params['epochs']}")
+
+    def _check_value(self, key: str, value: Any) -> Any:
+        name = self.name
+        if key in self.choices:
+            allowed = self.choices[key]
+            if value not in allowed:
+                raise ConfigError(f"method {name!r}: {key} must be one of {list(allowed)}, got {value!r}")
+            return value
+        if key == "milestones":
+            return _as_milestones(name, value)
+        if key in _INT_MIN:
+            return _as_int(name, key, value, _INT_MIN[key])
+        number = _as_float(name, key, value)
+        if key in _POSITIVE and number <= 0:
+            raise ConfigError(f"method {name!r}: {key} must be > 0, got {value!r}")
+        low, high = _FLOAT_RANGES.get(key, (-math.inf, math.inf))
+        if not low <= number <= high:
+            raise ConfigError(f"method {name!r}: {key} must lie in [{low}, {high}], got {value!r}")
+        return number
+
+
+def _scale_epoch(value: int, base_epochs: int, epochs: int) -> int:
+    return int(math.floor(value * epochs / base_epochs + 0.5))
+
+
+def _as_float(method: str, key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"method {method!r}: {key} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _as_int(method: str, key: str, value: Any, minimum: int) -> int:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"method {method!r}: {key} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ConfigError(f"method {method!r}: {key} must be >= {minimum}, got {value!r}")
+    return value
+
+
+def _as_milestones(method: str, value: Any) -> tuple[int, ...]:
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"method {method!r}: milestones must be a list of epochs, got {value!r}")
+    ms = tuple(_as_int(method, "milestones", m, 1) for m in value)
+    if any(b <= a for a, b in zip(ms, ms[1:], strict=False)):
+        raise ConfigError(f"method {method!r}: milestones must be strictly increasing, got {list(value)}")
+    return ms
