@@ -1,0 +1,167 @@
+"""Robust accuracy of one model under a suite of attacks, and a sanity check of how the numbers are ordered.
+
+Every attack sees the same examples (the first ``n_examples``, in order), in fp32 with the model in eval
+mode, so the rows of one report can be compared with each other. A stronger attack that does worse than
+a weaker one, or any attack that does better than no attack, is the classic symptom of gradient masking:
+``check_ordering`` turns such inversions into warnings instead of letting them pass as robustness.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from core.attacks import ATTACKS, Attack, create_attack
+from core.device import resolve_device
+from core.errors import Cancelled, ConfigError, DataError
+
+# attack -> attacks it is at least as strong as, on the same examples. Not listed on purpose: PGD versus
+# FGSM (a PGD run from a random start is not guaranteed to beat the single FGSM step on every model).
+# Every attack is also at least as strong as "clean".
+STRONGER_THAN: dict[str, tuple[str, ...]] = {
+    "aa": ("pgd_sat", "pgd_trades", "cw_inf", "fgsm", "square"),
+}
+
+
+def check_ordering(rows: Sequence[dict[str, Any]], *, tolerance: float = 0.0) -> list[str]:
+    """Warnings for every robust accuracy above the clean accuracy or above that of a weaker attack.
+
+    Rows are compared only when they were measured on the same number of examples (and, for two attacks,
+    at the same eps); ``tolerance`` is an allowance in accuracy units (0.01 = one percentage point).
+    """
+    by_name = {row["attack"]: row for row in rows}
+    messages: list[str] = []
+    clean = by_name.get("clean")
+    for row in rows:
+        name, accuracy = row["attack"], float(row["accuracy"])
+        if name == "clean":
+            continue
+        if clean is not None and clean["n"] == row["n"] and accuracy > float(clean["accuracy"]) + tolerance:
+            messages.append(
+                f"{name} accuracy {accuracy:.2%} is above the clean accuracy {float(clean['accuracy']):.2%}: "
+                f"an attack should never help the model; this may indicate gradient masking")
+        for weaker in STRONGER_THAN.get(name, ()):
+            other = by_name.get(weaker)
+            if other is None or other["n"] != row["n"] or other.get("eps") != row.get("eps"):
+                continue
+            weaker_accuracy = float(other["accuracy"])
+            if accuracy > weaker_accuracy + tolerance:
+                messages.append(
+                    f"{name} accuracy {accuracy:.2%} is above {weaker} accuracy {weaker_accuracy:.2%}: "
+                    f"the stronger attack should never do worse; this may indicate gradient masking")
+    return messages
+
+
+def _check_data(x: torch.Tensor, y: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise DataError(f"images must be a tensor of shape (N, C, H, W), got "
+                        f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.shape[0] != x.shape[0]:
+        raise DataError(f"labels must be a 1-d tensor with one label per image ({x.shape[0]}), got "
+                        f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}")
+    if y.is_floating_point() or y.dtype == torch.bool:
+        raise DataError(f"labels must be integers, got dtype {y.dtype}")
+    if x.dtype != torch.uint8:
+        if not x.is_floating_point():
+            raise DataError(f"images must be uint8 or float in [0, 1], got dtype {x.dtype}")
+        if x.numel() and (x.min().item() < 0.0 or x.max().item() > 1.0):
+            raise DataError("float images must lie in [0, 1] (normalisation belongs inside the model, "
+                            f"e.g. core.teachers.Normalized); got range [{x.min().item():.3g}, "
+                            f"{x.max().item():.3g}]")
+
+
+def _build_attacks(model: nn.Module, attacks: Sequence[str], eps: float, surrogate: nn.Module | None,
+                   attack_kwargs: dict[str, dict[str, Any]], seed: int | None) -> list[Attack]:
+    """Every attack built before any runs, so a typo fails in a second rather than after hours of AA."""
+    if isinstance(attacks, str) or not attacks:
+        raise ConfigError(f"attacks must be a non-empty list of names from: {', '.join(ATTACKS)}")
+    duplicates = sorted({a for a in attacks if list(attacks).count(a) > 1})
+    if duplicates:
+        raise ConfigError(f"attack(s) listed twice: {', '.join(duplicates)}")
+    stray = sorted(set(attack_kwargs) - set(attacks))
+    if stray:
+        raise ConfigError(f"attack_kwargs for attack(s) not being run: {', '.join(stray)}")
+    built = []
+    for name in attacks:
+        kwargs = dict(attack_kwargs.get(name, {}))
+        if "generator" not in kwargs:
+            kwargs.setdefault("seed", seed)
+        if name == "transfer" and surrogate is not None:
+            kwargs.setdefault("surrogate", surrogate)
+        built.append(create_attack(name, model, 0.0 if name == "clean" else eps, **kwargs))
+    return built
+
+
+def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Sequence[str], *,
+                   eps: float = 8 / 255, n_examples: int | None = None, batch_size: int = 256,
+                   device: str | torch.device = "cpu", surrogate: nn.Module | None = None,
+                   attack_kwargs: dict[str, dict[str, Any]] | None = None,
+                   should_stop: Callable[[], bool] | None = None,
+                   on_progress: Callable[[dict[str, Any]], None] | None = None,
+                   seed: int | None = 0) -> dict[str, Any]:
+    """Accuracy of ``model`` on (x, y) under each attack in ``attacks``, in the order given.
+
+    Returns ``{"rows": [{"attack", "accuracy", "n", "eps", "settings", "seconds"}, ...], "warnings": [...],
+    "ordering_ok": bool}``; accuracy is a fraction in [0, 1]. ``seed`` seeds every attack's randomness
+    (random starts, Square, AutoAttack) unless ``attack_kwargs[name]`` gives its own seed or generator.
+    ``should_stop()`` is polled before every batch and raises ``Cancelled`` when it returns True;
+    ``on_progress`` receives ``{"type": "progress", "attack", "done", "total", "fraction"}`` after each.
+    """
+    _check_data(x, y)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if n_examples is not None and (not isinstance(n_examples, int) or n_examples < 1):
+        raise ConfigError(f"n_examples must be a positive integer or None, got {n_examples!r}")
+    device = resolve_device(device) if isinstance(device, str) else torch.device(device)
+    non_fp32 = sorted({str(p.dtype) for p in model.parameters() if p.is_floating_point()} - {"torch.float32"})
+    if non_fp32:
+        raise ConfigError(f"evaluation runs in fp32 but the model has {', '.join(non_fp32)} parameters; "
+                          "pass model.float()")
+
+    warnings: list[str] = []
+    n = x.shape[0] if n_examples is None else min(n_examples, x.shape[0])
+    if n_examples is not None and n_examples > x.shape[0]:
+        warnings.append(f"asked for {n_examples} examples but only {x.shape[0]} are available; using all")
+    if n == 0:
+        raise DataError("no examples to evaluate")
+    x, y = x[:n], y[:n].long()
+
+    model.to(device)
+    if surrogate is not None:
+        surrogate.to(device)
+    was_training = model.training
+    with torch.no_grad():
+        model.eval()
+        num_classes = model(torch.zeros_like(x[:1], dtype=torch.float32, device=device)).shape[1]
+    if y.min().item() < 0 or y.max().item() >= num_classes:
+        raise DataError(f"labels must be in [0, {num_classes - 1}] for a model with {num_classes} outputs, "
+                        f"got [{y.min().item()}, {y.max().item()}]")
+    built = _build_attacks(model, attacks, eps, surrogate, dict(attack_kwargs or {}), seed)
+
+    rows: list[dict[str, Any]] = []
+    try:
+        for index, attack in enumerate(built):
+            started = time.perf_counter()
+            correct = 0
+            for lo in range(0, n, batch_size):
+                if should_stop is not None and should_stop():
+                    raise Cancelled(f"evaluation cancelled during {attack.name}")
+                hi = min(lo + batch_size, n)
+                _, still_correct = attack.run(x[lo:hi].to(device), y[lo:hi].to(device))
+                correct += int(still_correct.sum().item())
+                if on_progress is not None:
+                    on_progress({"type": "progress", "attack": attack.name, "done": hi, "total": n,
+                                 "fraction": (index + hi / n) / len(built)})
+            seconds = round(time.perf_counter() - started, 3)
+            rows.append({"attack": attack.name, "accuracy": correct / n, "n": n, "eps": attack.eps,
+                         "settings": dict(attack.settings), "seconds": seconds})
+            warnings.extend(w for w in attack.warnings if w not in warnings)
+    finally:
+        model.train(was_training)
+
+    ordering = check_ordering(rows)
+    return {"rows": rows, "warnings": warnings + ordering, "ordering_ok": not ordering}
