@@ -1,0 +1,111 @@
+"""The FastAPI application. Serve it with ``uvicorn --factory api.app:create_app``.
+
+Nothing heavy is imported here: torch and the core library load only when an upload or a job needs them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+import core
+from api.routes import datasets, health, jobs, teachers
+from api.uploads import BodySizeLimit
+from core.errors import UserError
+from service.auth import ensure_dev_key
+from service.db import make_engine, make_session_factory, upgrade_to_head
+from service.jobs import IllegalTransition
+from service.queue import CeleryQueue
+from service.settings import Settings, get_settings
+from service.storage import ObjectNotFound, open_store
+
+log = logging.getLogger("api")
+
+
+def _prepare_embedded(app: FastAPI) -> None:
+    """SQLite default: bring the schema up to date and make sure someone can log in."""
+    settings: Settings = app.state.settings
+    upgrade_to_head(settings.database_url)
+    with app.state.session_factory() as session:
+        key = ensure_dev_key(session, settings.var_dir)
+    if key:
+        path = settings.var_dir / "dev-api-key"
+        print(f"Created an API key for tenant 'dev': {key}  (also written to {path})", flush=True)
+
+
+def _location(loc: tuple[object, ...]) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")] or [str(p) for p in loc]
+    return ".".join(parts)
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 with a one-line ``detail`` naming every bad field, plus the structured list."""
+    errors = [
+        {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+        for e in exc.errors()
+    ]
+    detail = "; ".join(f"{_location(tuple(e['loc']))}: {e['msg']}" for e in errors) or "invalid request"
+    return JSONResponse({"detail": detail, "errors": errors}, status_code=422)
+
+
+async def _user_error(request: Request, exc: UserError) -> JSONResponse:
+    return JSONResponse({"detail": str(exc)}, status_code=422)
+
+
+async def _conflict(request: Request, exc: IllegalTransition) -> JSONResponse:
+    return JSONResponse({"detail": str(exc)}, status_code=409)
+
+
+async def _missing_object(request: Request, exc: ObjectNotFound) -> JSONResponse:
+    return JSONResponse({"detail": f"stored file {exc} is missing"}, status_code=404)
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    enqueue: Callable[[str], None] | None = None,
+    revoke: Callable[[str], None] | None = None,
+) -> FastAPI:
+    """Build the app for ``settings`` (default: the environment). ``enqueue``/``revoke`` replace the
+    Celery calls, e.g. with a recorder in tests that run no broker; they also live on ``app.state``."""
+    settings = settings or get_settings()
+    engine = make_engine(settings.database_url)
+    queue = CeleryQueue(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.is_sqlite:
+            await run_in_threadpool(_prepare_embedded, app)
+        yield
+        engine.dispose()
+
+    app = FastAPI(
+        title="Robust distillation service",
+        summary="Upload a robust teacher, get a small robust student trained with RSLAD and its report.",
+        version=core.__version__,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.session_factory = make_session_factory(engine)
+    app.state.store = open_store(settings)
+    app.state.queue = queue
+    app.state.enqueue = enqueue or queue.enqueue
+    app.state.revoke = revoke or queue.revoke
+    app.state.broker_ping = queue.ping
+    app.state.sse_poll_seconds = 1.0
+
+    app.add_middleware(BodySizeLimit, max_upload_bytes=settings.max_upload_bytes)
+    app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(UserError, _user_error)  # type: ignore[arg-type]
+    app.add_exception_handler(IllegalTransition, _conflict)  # type: ignore[arg-type]
+    app.add_exception_handler(ObjectNotFound, _missing_object)  # type: ignore[arg-type]
+    for module in (health, teachers, datasets, jobs):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,80 @@
+"""Request dependencies: settings, a database session, the object store and the caller's tenant."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from typing import Annotated, Any, TypeVar
+
+from fastapi import Depends, HTTPException, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from service.auth import tenant_for_key
+from service.models import Tenant
+from service.settings import Settings
+from service.storage import ObjectStore
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    with request.app.state.session_factory() as session:
+        yield session
+
+
+def get_store(request: Request) -> ObjectStore:
+    return request.app.state.store
+
+
+def get_enqueue(request: Request) -> Callable[[str], None]:
+    return request.app.state.enqueue
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+SessionDep = Annotated[Session, Depends(get_session)]
+StoreDep = Annotated[ObjectStore, Depends(get_store)]
+
+_bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer rd_...`")
+
+
+def get_tenant(
+    session: SessionDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Tenant:
+    """The tenant owning the bearer key; 401 for a missing, unknown or revoked key."""
+    tenant = tenant_for_key(session, credentials.credentials) if credentials else None
+    if tenant is None:
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            detail="missing or invalid API key: send 'Authorization: Bearer rd_...'",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    return tenant
+
+
+TenantDep = Annotated[Tenant, Depends(get_tenant)]
+
+Row = TypeVar("Row")
+ROW_ID = re.compile(r"^[0-9a-f]{32}$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def owned(session: Session, model: type[Row], tenant: Tenant, row_id: str, what: str) -> Row:
+    """The tenant's row with this id; 404 alike for a missing row, another tenant's row or a malformed id
+    (which never reaches the database)."""
+    row: Any = session.get(model, row_id) if ROW_ID.match(row_id) else None
+    if row is None or row.tenant_id != tenant.id:
+        raise HTTPException(404, detail=f"{what} {row_id[:64]!r} not found")
+    return row
+
+
+def plain_text(value: str | None, field: str) -> str | None:
+    """A form field stripped, '' as None, control characters (NUL breaks PostgreSQL text) refused."""
+    if value is None or not value.strip():
+        return None
+    if _CONTROL.search(value):
+        raise HTTPException(422, detail=f"{field} must not contain control characters")
+    return value.strip()

@@ -1,0 +1,192 @@
+"""Teachers: robust models uploaded by a tenant, checked by loading and probing them before they are kept."""
+
+from __future__ import annotations
+
+import gc
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import sqlalchemy as sa
+from fastapi import APIRouter, File, Form, HTTPException, Response, UploadFile
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep, owned, plain_text
+from api.routes.datasets import resolve_dataset
+from api.schemas import NOT_FOUND, Message, ModelFormat, TeacherList, TeacherOut
+from api.uploads import ReceivedFile, forget_object, received_upload
+from service.models import TERMINAL_STATUSES, Job, Teacher, Tenant, new_id
+from service.storage import ObjectStore, safe_filename, teacher_key
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1/teachers", tags=["teachers"])
+
+
+@dataclass
+class CheckedModel:
+    """What loading the file taught us; the model itself is dropped at once."""
+
+    format: str
+    arch: str | None
+    num_classes: int
+    num_params: int
+    normalize: dict[str, list[float]] | None
+    probe: dict[str, Any]
+
+
+def _check_model(
+    path: Path, arch: str | None, num_classes: int | None, normalize: str | None, fmt: str
+) -> CheckedModel:
+    """Load and probe the file on the CPU (blocking; run in a worker thread)."""
+    from core.errors import ModelLoadError, UserError
+    from core.teachers import load_model_file
+
+    try:
+        loaded = load_model_file(path, arch=arch, num_classes=num_classes, normalize=normalize, fmt=fmt)
+    except UserError:
+        raise
+    except Exception as exc:  # whatever a hostile or broken file trips over is still the file's problem
+        log.warning("unexpected error loading an uploaded model", exc_info=True)
+        raise ModelLoadError(f"the model file could not be loaded: {type(exc).__name__}: {exc}") from exc
+    norm = None
+    if loaded.normalize is not None:
+        mean, std = loaded.normalize
+        norm = {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}
+    checked = CheckedModel(
+        format=loaded.format,
+        arch=loaded.arch,
+        num_classes=loaded.num_classes,
+        num_params=loaded.num_params,
+        normalize=norm,
+        probe=dict(loaded.probe),
+    )
+    del loaded
+    gc.collect()
+    return checked
+
+
+def _store_teacher(
+    session: Session,
+    store: ObjectStore,
+    tenant: Tenant,
+    received: ReceivedFile,
+    checked: CheckedModel,
+    name: str | None,
+    filename: str,
+) -> Teacher:
+    """Object first, then the row; a failed insert takes the object back out."""
+    teacher_id = new_id()
+    key = teacher_key(tenant.id, teacher_id, filename)
+    try:
+        store.put_file(key, received.path)
+    except Exception as exc:
+        log.exception("storing teacher %s failed", key)
+        forget_object(store, key)
+        raise HTTPException(503, detail=f"could not store the file: {type(exc).__name__}") from exc
+    try:
+        row = Teacher(
+            id=teacher_id,
+            tenant_id=tenant.id,
+            name=name or Path(filename).stem,
+            format=checked.format,
+            arch=checked.arch,
+            num_classes=checked.num_classes,
+            normalize=checked.normalize,
+            sha256=received.sha256,
+            size_bytes=received.size,
+            num_params=checked.num_params,
+            probe=checked.probe,
+            object_key=key,
+        )
+        session.add(row)
+        session.commit()
+    except BaseException:
+        session.rollback()
+        forget_object(store, key)
+        raise
+    return row
+
+
+def tenant_teacher(session: Session, tenant: Tenant, teacher_id: str) -> Teacher:
+    return owned(session, Teacher, tenant, teacher_id, "teacher")
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=TeacherOut,
+    responses={413: {"model": Message}, 422: {"model": Message}},
+)
+async def upload_teacher(
+    tenant: TenantDep,
+    session: SessionDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    file: Annotated[
+        UploadFile, File(description="TorchScript, torch.export (.pt2), state_dict or safetensors")
+    ],
+    format: Annotated[ModelFormat, Form()] = "auto",
+    arch: Annotated[
+        str | None, Form(max_length=64, description="Architecture name; required for state_dict/safetensors")
+    ] = None,
+    normalize: Annotated[
+        str | None,
+        Form(
+            max_length=500,
+            description="Input normalisation the model expects: 'm1,m2,m3;s1,s2,s3' or 'cifar10'",
+        ),
+    ] = None,
+    dataset: Annotated[
+        str | None,
+        Form(max_length=64, description="Builtin dataset name or uploaded dataset id; sets the classes"),
+    ] = None,
+    num_classes: Annotated[int | None, Form(ge=2, le=100_000)] = None,
+    name: Annotated[str | None, Form(max_length=255)] = None,
+) -> Teacher:
+    """Upload a teacher. It is loaded and run once on random images; only a file that passes is kept."""
+    arch, normalize = plain_text(arch, "arch"), plain_text(normalize, "normalize")
+    dataset, name = plain_text(dataset, "dataset"), plain_text(name, "name")
+    if dataset is not None:
+        resolved = await run_in_threadpool(resolve_dataset, session, settings, tenant, dataset)
+        if num_classes is not None and num_classes != resolved.num_classes:
+            raise HTTPException(
+                422,
+                detail=f"num_classes {num_classes} contradicts dataset {dataset!r} ({resolved.num_classes})",
+            )
+        num_classes = resolved.num_classes
+    filename = safe_filename(file.filename, "teacher.bin")
+    async with received_upload(file, settings.upload_dir, settings.max_upload_bytes, filename) as received:
+        checked = await run_in_threadpool(_check_model, received.path, arch, num_classes, normalize, format)
+        return await run_in_threadpool(
+            _store_teacher, session, store, tenant, received, checked, name, filename
+        )
+
+
+@router.get("", response_model=TeacherList)
+def list_teachers(tenant: TenantDep, session: SessionDep) -> TeacherList:
+    rows = session.scalars(
+        sa.select(Teacher).where(Teacher.tenant_id == tenant.id).order_by(Teacher.created_at.desc())
+    )
+    return TeacherList(items=[TeacherOut.model_validate(r) for r in rows])
+
+
+@router.get("/{teacher_id}", response_model=TeacherOut, responses=NOT_FOUND)
+def get_teacher(teacher_id: str, tenant: TenantDep, session: SessionDep) -> Teacher:
+    return tenant_teacher(session, tenant, teacher_id)
+
+
+@router.delete("/{teacher_id}", status_code=204, responses={**NOT_FOUND, 409: {"model": Message}})
+def delete_teacher(teacher_id: str, tenant: TenantDep, session: SessionDep, store: StoreDep) -> Response:
+    row = tenant_teacher(session, tenant, teacher_id)
+    busy = session.scalar(
+        sa.select(Job.id).where(Job.teacher_id == row.id, Job.status.not_in(TERMINAL_STATUSES)).limit(1)
+    )
+    if busy:
+        raise HTTPException(409, detail=f"teacher {row.id} is used by unfinished job {busy}")
+    key = row.object_key
+    session.delete(row)
+    session.commit()
+    forget_object(store, key)
+    return Response(status_code=204)

@@ -1,0 +1,175 @@
+"""Request and response bodies of the API, all in one place so the OpenAPI document reads as one story."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+JobStatus = Literal["queued", "running", "evaluating", "succeeded", "failed", "cancelled"]
+ModelFormat = Literal["auto", "torchscript", "export", "state_dict", "safetensors"]
+
+
+class Message(BaseModel):
+    detail: str
+
+
+NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": Message}}
+
+
+class Normalization(BaseModel):
+    mean: list[float]
+    std: list[float]
+
+
+class TeacherOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    name: str
+    sha256: str
+    size_bytes: int
+    num_params: int
+    format: str
+    arch: str | None
+    num_classes: int
+    normalize: Normalization | None
+    probe: dict[str, Any]
+    created_at: datetime
+
+
+class TeacherList(BaseModel):
+    items: list[TeacherOut]
+
+
+class DatasetOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    name: str
+    num_classes: int
+    n_train: int
+    n_test: int
+    sha256: str
+    size_bytes: int
+    created_at: datetime
+
+
+class BuiltinDataset(BaseModel):
+    name: str
+    num_classes: int
+    available: bool
+    note: str
+
+
+class DatasetList(BaseModel):
+    builtin: list[BuiltinDataset]
+    uploaded: list[DatasetOut]
+
+
+class JobCreate(BaseModel):
+    """A distillation job. Omitted hyper-parameters take the method's reference values."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    teacher_id: str | None = Field(default=None, description="Required by methods that distil from a teacher")
+    student: str = Field(default="resnet18", min_length=1, max_length=64, description="Student architecture")
+    method: str = Field(default="rslad", min_length=1, max_length=64)
+    dataset: str = Field(min_length=1, max_length=64, description="A builtin dataset name or an uploaded id")
+    epochs: int | None = Field(default=None, ge=1, le=1000)
+    eps: float | None = Field(default=None, gt=0, le=0.5, description="L-inf radius for images in [0, 1]")
+    batch_size: int = Field(default=128, ge=1, le=4096)
+    train_subset: int | None = Field(default=None, ge=1)
+    val_size: int = Field(default=1000, ge=0, le=1_000_000)
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    method_params: dict[str, Any] = Field(default_factory=dict)
+    attacks: list[str] | None = Field(default=None, min_length=1, max_length=16)
+    n_eval: int | None = Field(default=None, ge=1)
+    device: str = Field(default="auto", max_length=16)
+
+
+class Progress(BaseModel):
+    epoch: int | None = None
+    epochs: int | None = None
+    step: int | None = None
+    steps: int | None = None
+    fraction: float | None = None
+    eta_s: float | None = None
+
+
+class JobOut(BaseModel):
+    id: str
+    status: JobStatus
+    teacher_id: str | None
+    student: str
+    method: str
+    dataset: str | None
+    dataset_id: str | None
+    params: dict[str, Any]
+    progress: Progress
+    latest_metrics: dict[str, Any] | None
+    error: str | None
+    cancel_requested: bool
+    attempts: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    updated_at: datetime
+
+
+class JobPage(BaseModel):
+    items: list[JobOut]
+    next_cursor: str | None = Field(description="Pass as ?cursor= for the next page; null on the last page")
+
+
+class EventOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    type: str
+    payload: dict[str, Any]
+    created_at: datetime
+
+
+class EventPage(BaseModel):
+    items: list[EventOut]
+    next_after: int = Field(description="Pass as ?after= to read only newer events")
+
+
+class MetricOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    epoch: int
+    metrics: dict[str, Any]
+
+
+class MetricList(BaseModel):
+    items: list[MetricOut]
+
+
+class ArtifactOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    name: str
+    size_bytes: int
+    sha256: str
+    created_at: datetime
+
+
+class ArtifactList(BaseModel):
+    items: list[ArtifactOut]
+
+
+class DownloadUrl(BaseModel):
+    url: str
+    expires_in: int | None = Field(description="Seconds the URL stays valid; null for an API URL")
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    status: Literal["ok", "unavailable"]
+    checks: dict[str, str]

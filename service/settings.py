@@ -1,0 +1,72 @@
+"""Service settings from the environment (prefix ``RD_``).
+
+Every default is the embedded setup: SQLite, a folder broker and a folder object store under
+``RD_VAR_DIR``, so one process on a laptop needs no servers. Production points the URLs elsewhere.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RD_", extra="ignore")
+
+    var_dir: Path = Path("./var")
+    # Empty means "derive from var_dir" (filled in by _fill_defaults).
+    database_url: str = ""
+    broker_url: str = ""
+    store_url: str = ""
+    s3_endpoint_url: str | None = None
+    s3_access_key: str | None = None
+    s3_secret_key: str | None = None
+    s3_region: str | None = None
+    data_root: Path | None = None
+    work_dir: Path | None = None
+    max_upload_bytes: int = Field(default=512 * 1024 * 1024, gt=0)
+    queue: str = "distill"
+    presign_seconds: int = Field(default=300, gt=0)
+
+    @model_validator(mode="after")
+    def _fill_defaults(self) -> Settings:
+        var = self.var_dir.expanduser().resolve()
+        self.var_dir = var
+        if not self.database_url:
+            self.database_url = f"sqlite:///{var / 'rd.sqlite3'}"
+        if not self.broker_url:
+            self.broker_url = "filesystem://"
+        if not self.store_url:
+            self.store_url = f"file://{var / 'objects'}"
+        if self.data_root is None:
+            shared = REPO_ROOT.parent / "shared" / "data"
+            self.data_root = shared if shared.is_dir() else var / "data"
+        if self.work_dir is None:
+            self.work_dir = var / "work"
+        return self
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def broker_dir(self) -> Path:
+        """Where the folder broker (``filesystem://``) keeps its messages."""
+        return self.var_dir / "broker"
+
+    @property
+    def upload_dir(self) -> Path:
+        """Scratch space for uploads being received and checked."""
+        assert self.work_dir is not None
+        return self.work_dir / "uploads"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return Settings()
