@@ -1,0 +1,275 @@
+"""``python -m core distill|evaluate|models|methods``: the library from a shell.
+
+A user's mistake ends in one line ``error: ...`` on stderr and exit code 2, never a traceback; a cancel
+(Ctrl-C) ends with exit code 130. Progress goes to stderr, results to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, NoReturn
+
+from core.errors import Cancelled, UserError
+
+EXIT_USER, EXIT_CANCELLED = 2, 130
+
+
+class _UsageError(Exception):
+    """argparse's complaint, raised instead of printed so that ``main`` prints it as one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(f"{message} (see {self.prog} --help)")
+
+
+def parse_fraction(text: str) -> float:
+    """'8/255' or '0.0314' -> float."""
+    try:
+        return float(Fraction(text.strip()))
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"not a number or fraction like 8/255: {text!r}") from None
+
+
+def parse_param(text: str) -> tuple[str, Any]:
+    """'steps=2' -> ('steps', 2): values are JSON (numbers, lists, true/null), a fraction, or a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        value: Any = json.loads(raw)
+    except json.JSONDecodeError:
+        try:
+            value = float(Fraction(raw.strip()))
+        except (ValueError, ZeroDivisionError):
+            value = raw
+    return key.strip(), value
+
+
+def parse_list(text: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("expected a comma-separated list of names")
+    return items
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+DATASET_HELP = "cifar10, cifar100, cifar10-partial, cifar100-partial or npz"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m core", description="Robust knowledge distillation (RSLAD, baselines).")
+    sub = parser.add_subparsers(dest="command", metavar="{distill,evaluate,models,methods}")
+    sub.required = True
+
+    d = sub.add_parser("distill", help="train a student from a teacher and evaluate it",
+                       description="Train a student with a method (RSLAD by default), keep the best "
+                                   "checkpoint by validation PGD-20 accuracy, evaluate best and last on the "
+                                   "test set.")
+    d.add_argument("--teacher", metavar="PATH", help="teacher model file (omit for teacher-free methods)")
+    d.add_argument("--teacher-arch", metavar="NAME", help="architecture of a state-dict teacher")
+    d.add_argument("--teacher-normalize", metavar="MEAN;STD",
+                   help="normalisation the teacher expects, e.g. '0.4914,0.4822,0.4465;0.2471,0.2435,0.2616' "
+                        "or cifar10 / cifar100 (quote it: ';' ends a shell command)")
+    d.add_argument("--teacher-format", default="auto",
+                   help="auto, torchscript, export, state_dict or safetensors")
+    d.add_argument("--student", default="resnet18", metavar="NAME",
+                   help="student architecture (python -m core models)")
+    d.add_argument("--method", default="rslad", metavar="NAME",
+                   help="training method (python -m core methods)")
+    d.add_argument("--method-param", action="append", default=[], type=parse_param, metavar="KEY=VALUE",
+                   help="override a method hyper-parameter, e.g. steps=5 or milestones=[10,15]; repeatable")
+    d.add_argument("--dataset", default="cifar10", help=DATASET_HELP)
+    d.add_argument("--data-root", required=True, metavar="PATH", help="folder (or .npz file) with the data")
+    d.add_argument("--epochs", type=positive_int, help="default: the method's (RSLAD 300); milestones scale")
+    d.add_argument("--batch-size", type=positive_int, default=128)
+    d.add_argument("--eps", type=parse_fraction, help="L-inf budget for training and evaluation, e.g. 8/255")
+    d.add_argument("--train-subset", type=positive_int, metavar="N", help="train on the first N images only")
+    d.add_argument("--val-size", type=non_negative_int, default=1000,
+                   help="held-out training images for choosing the best checkpoint (default 1000)")
+    d.add_argument("--seed", type=non_negative_int, default=0)
+    d.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower)")
+    d.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    d.add_argument("--no-amp", dest="amp", action="store_const", const=False, default=None,
+                   help="train in fp32 (default: bf16 autocast where the hardware supports it)")
+    d.add_argument("--no-channels-last", dest="channels_last", action="store_const", const=False,
+                   default=None, help="keep the contiguous memory format (default: channels_last with amp)")
+    d.add_argument("--attacks", type=parse_list, metavar="A,B,...",
+                   default=["clean", "fgsm", "pgd_sat", "pgd_trades", "cw_inf", "aa"],
+                   help="evaluation attacks (default clean,fgsm,pgd_sat,pgd_trades,cw_inf,aa)")
+    d.add_argument("--n-eval", type=positive_int, metavar="N", help="evaluate on the first N test images")
+    d.add_argument("--eval-batch-size", type=positive_int, default=256)
+    d.add_argument("--evaluate-teacher", action="store_true", help="also evaluate the teacher (Table 2)")
+    d.add_argument("--out", required=True, metavar="DIR",
+                   help="output folder; resumes when it holds a checkpoint.pt")
+    d.set_defaults(func=cmd_distill)
+
+    e = sub.add_parser("evaluate", help="evaluate a model file under attacks")
+    e.add_argument("--model", required=True, metavar="PATH")
+    e.add_argument("--arch", metavar="NAME", help="architecture of a state-dict model")
+    e.add_argument("--normalize", metavar="MEAN;STD")
+    e.add_argument("--format", default="auto")
+    e.add_argument("--dataset", default="cifar10", help=DATASET_HELP)
+    e.add_argument("--data-root", required=True, metavar="PATH")
+    e.add_argument("--attacks", type=parse_list, required=True, metavar="A,B,...")
+    e.add_argument("--n-examples", type=positive_int, metavar="N")
+    e.add_argument("--eps", type=parse_fraction, default=8 / 255)
+    e.add_argument("--batch-size", type=positive_int, default=256)
+    e.add_argument("--seed", type=non_negative_int, default=0)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--out", required=True, metavar="report.json")
+    e.set_defaults(func=cmd_evaluate)
+
+    m = sub.add_parser("models", help="list the architectures")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=cmd_models)
+    t = sub.add_parser("methods", help="list the training methods and their defaults")
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(func=cmd_methods)
+    return parser
+
+
+def _err(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _accuracy_table(columns: dict[str, list[dict[str, Any]]]) -> str:
+    """Rows: attacks; columns: e.g. best / last; cells: accuracy in percent."""
+    names: list[str] = []
+    for rows in columns.values():
+        names += [r["attack"] for r in rows if r["attack"] not in names]
+    lookup = {c: {r["attack"]: r["accuracy"] for r in rows} for c, rows in columns.items()}
+    width = max(len("attack"), *(len(n) for n in names))
+    lines = ["  ".join([f"{'attack':<{width}}", *(f"{c:>14}" for c in columns)])]
+    for name in names:
+        cells = [f"{lookup[c][name]:>14.2%}" if name in lookup[c] else f"{'-':>14}" for c in columns]
+        lines.append("  ".join([f"{name:<{width}}", *cells]))
+    return "\n".join(lines)
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from core.pipeline import DistillConfig, run_distillation
+    from core.progress import ProgressPrinter
+
+    cfg = DistillConfig(
+        teacher_path=args.teacher, teacher_arch=args.teacher_arch, teacher_format=args.teacher_format,
+        teacher_normalize=args.teacher_normalize, student=args.student, method=args.method,
+        method_params=dict(args.method_param), dataset=args.dataset, data_root=args.data_root,
+        epochs=args.epochs, batch_size=args.batch_size, eps=args.eps, train_subset=args.train_subset,
+        val_size=args.val_size, seed=args.seed, deterministic=args.deterministic, device=args.device,
+        amp=args.amp, channels_last=args.channels_last, attacks=args.attacks, n_eval=args.n_eval,
+        eval_batch_size=args.eval_batch_size, evaluate_teacher=args.evaluate_teacher)
+    cfg.validate()
+    out = Path(args.out)
+    if (out / "checkpoint.pt").exists():
+        _err(f"resuming from {out / 'checkpoint.pt'}")
+    printer = ProgressPrinter(sys.stderr)
+    try:
+        report = run_distillation(cfg, out, on_event=printer)
+    finally:
+        printer.close()
+    final = report["final"]
+    columns = {f"best (ep {final['best']['epoch']})": final["best"]["rows"],
+               f"last (ep {final['last']['epoch']})": final["last"]["rows"]}
+    print(_accuracy_table(columns))
+    if report.get("teacher") and report["teacher"].get("evaluation"):
+        print("\nteacher:")
+        print(_accuracy_table({"teacher": report["teacher"]["evaluation"]["rows"]}))
+    for message in report["warnings"]:
+        _err(f"warning: {message}")
+    print(f"\nreport: {out / 'report.json'}  weights: {out / 'student_best.pt'}, {out / 'student_last.pt'}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from core.pipeline import _write_json, run_evaluation
+
+    report = run_evaluation(args.model, arch=args.arch, normalize=args.normalize, dataset=args.dataset,
+                            data_root=args.data_root, attacks=args.attacks, n_examples=args.n_examples,
+                            eps=args.eps, device=args.device, fmt=args.format, batch_size=args.batch_size,
+                            seed=args.seed)
+    out = Path(args.out)
+    if out.parent != Path(""):
+        out.parent.mkdir(parents=True, exist_ok=True)
+    _write_json(report, out)
+    print(_accuracy_table({Path(args.model).name[:14]: report["rows"]}))
+    for message in report["warnings"]:
+        _err(f"warning: {message}")
+    print(f"\nreport: {out}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from core.models import list_models
+
+    names = list_models()
+    print(json.dumps(names) if args.json else "\n".join(names))
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from core.methods import list_methods
+
+    methods = list_methods()
+    if args.json:
+        print(json.dumps(methods, indent=2))
+        return 0
+    for m in methods:
+        teacher = "teacher" if m["needs_teacher"] else "no teacher"
+        print(f"{m['name']:<8} ({teacher})  {m['summary']}")
+        defaults = "  ".join(f"{k}={_short(v)}" for k, v in m["defaults"].items())
+        print(f"         {defaults}")
+    return 0
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        fraction = Fraction(value).limit_denominator(255)
+        if fraction.denominator == 255 and abs(float(fraction) - value) < 1e-12:
+            return f"{fraction.numerator}/255"
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = None
+    try:
+        args = parser.parse_args(argv)
+        return args.func(args)
+    except _UsageError as exc:
+        _err(f"error: {exc}")
+        return EXIT_USER
+    except UserError as exc:
+        _err(f"error: {' '.join(str(exc).split())}")
+        return EXIT_USER
+    except (Cancelled, KeyboardInterrupt) as exc:
+        detail = f": {exc}" if str(exc) else ""
+        _err(f"cancelled{detail}; run the same command again to resume from the last checkpoint"
+             if getattr(args, "command", None) == "distill" else f"cancelled{detail}")
+        return EXIT_CANCELLED

@@ -1,0 +1,181 @@
+"""The training loop on a tiny CNN and a tiny synthetic dataset: resume, events, cancel, schedule,
+selection."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from core.data import load_dataset
+from core.errors import Cancelled, ConfigError
+from core.methods import create_method
+from core.models import create_model
+from core.train import TrainConfig, Trainer
+
+EPOCHS = 3
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory):
+    """96 learnable 3x16x16 images in 4 classes (a colour per class plus noise); 16 held out."""
+    rng = np.random.default_rng(0)
+    y = np.arange(96) % 4
+    colours = rng.uniform(40, 215, size=(4, 3))
+    x = colours[y][:, None, None, :] + rng.normal(0, 40, size=(96, 16, 16, 3))
+    x = np.clip(x, 0, 255).astype(np.uint8)
+    path = tmp_path_factory.mktemp("data") / "tiny.npz"
+    np.savez(path, x=x[:80], y=y[:80], x_test=x[80:], y_test=y[80:])
+    return load_dataset("npz", path, val_size=16, seed=0)
+
+
+def make_trainer(
+    out: Path, data, *, method: str = "rslad", seed: int = 0, trainer_cls=Trainer, **kw
+) -> Trainer:
+    torch.manual_seed(1000)
+    teacher = create_model("tiny_cnn", data.num_classes) if method == "rslad" else None
+    torch.manual_seed(seed)
+    student = create_model("tiny_cnn", data.num_classes)
+    m = (
+        create_method(method, steps=1, epochs=EPOCHS)
+        if method != "natural"
+        else create_method(method, epochs=EPOCHS)
+    )
+    cfg = TrainConfig(batch_size=16, seed=0, deterministic=True, device="cpu", val_attack_steps=2)
+    return trainer_cls(cfg, m, student, teacher, data, out, **kw)
+
+
+def load(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_resume_after_cancel_is_bit_identical(tmp_path: Path, data) -> None:
+    full = make_trainer(tmp_path / "a", data).fit()
+
+    state = {"stop": False}
+
+    def on_event(event: dict) -> None:
+        if event["type"] == "progress" and event["epoch"] == 2 and event["step"] == 1:
+            state["stop"] = True
+
+    with pytest.raises(Cancelled):
+        make_trainer(tmp_path / "b", data, on_event=on_event, should_stop=lambda: state["stop"]).fit()
+    assert load(tmp_path / "b" / "checkpoint.pt")["epoch"] == 1
+
+    # A differently initialised student: every weight must come from the checkpoint.
+    resumed = make_trainer(tmp_path / "b", data, seed=123).fit()
+    assert resumed["resumed_from"] == 1
+    for name in ("student_last.pt", "student_best.pt"):
+        a, b = load(tmp_path / "a" / name), load(tmp_path / "b" / name)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), (name, key)
+    drop = {"seconds", "train_seconds", "images_per_s"}
+    strip = [{k: v for k, v in m.items() if k not in drop} for m in full["history"]]
+    assert strip == [{k: v for k, v in m.items() if k not in drop} for m in resumed["history"]]
+    assert resumed["best"] == full["best"]
+
+
+def test_events_and_files(tmp_path: Path, data) -> None:
+    events: list[dict] = []
+    result = make_trainer(tmp_path, data, on_event=events.append).fit()
+
+    progress = [e for e in events if e["type"] == "progress"]
+    fractions = [e["fraction"] for e in progress]
+    assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
+    assert {e["steps"] for e in progress} == {4} and progress[-1]["eta_s"] == pytest.approx(0.0, abs=1e-6)
+    assert [e["epoch"] for e in events if e["type"] == "epoch"] == [1, 2, 3]
+    assert [e["epoch"] for e in events if e["type"] == "checkpoint"] == [1, 2, 3]
+
+    metrics = result["history"][-1]
+    for key in (
+        "loss",
+        "kl_adv",
+        "kl_nat",
+        "train_acc",
+        "val_clean_acc",
+        "val_robust_acc",
+        "lr",
+        "seconds",
+        "images_per_s",
+    ):
+        assert key in metrics, key
+    assert metrics["images"] == 64
+
+    ckpt = load(tmp_path / "checkpoint.pt")  # weights_only=True must read every field back
+    assert ckpt["epoch"] == EPOCHS and {"torch", "python", "numpy"} <= set(ckpt["rng"])
+    assert ckpt["config"]["method"] == "rslad" and len(ckpt["history"]) == EPOCHS
+    for name in ("student_best.pt", "student_last.pt"):
+        create_model("tiny_cnn", data.num_classes).load_state_dict(load(tmp_path / name), strict=True)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_cancel_is_prompt_and_leaves_no_checkpoint(tmp_path: Path, data) -> None:
+    calls = []
+
+    def stop() -> bool:
+        calls.append(1)
+        return True
+
+    with pytest.raises(Cancelled):
+        make_trainer(tmp_path, data, should_stop=stop).fit()
+    assert len(calls) == 1
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_milestones_scale_with_epochs(tmp_path: Path, data) -> None:
+    trainer = make_trainer(tmp_path, data)
+    assert trainer.milestones == (2,)  # RSLAD's 215/260/285 of 300, scaled to 3 epochs
+    assert [m["lr"] for m in trainer.fit()["history"]] == pytest.approx([0.1, 0.1, 0.01])
+    thirty = Trainer(
+        TrainConfig(device="cpu"),
+        create_method("rslad", epochs=30),
+        create_model("tiny_cnn", 4),
+        None,
+        data,
+        tmp_path / "other",
+    )
+    assert thirty.epochs == 30 and thirty.milestones == (22, 26, 29)
+
+
+class ScriptedValidation(Trainer):
+    """Validation returns fixed numbers, so the selection rule is tested, not the model's luck."""
+
+    robust = [0.25, 0.5, 0.375]
+    clean = [0.5, 0.25, 0.75]
+
+    def _validate(self) -> dict[str, float]:
+        e = len(self.history)
+        out = {"val_clean_acc": self.clean[e]}
+        if self.select_on == "val_robust_acc":
+            out["val_robust_acc"] = self.robust[e]
+        return out
+
+
+@pytest.mark.parametrize(("method", "best_epoch"), [("rslad", 2), ("natural", 3)])
+def test_best_checkpoint_is_the_best_validation_epoch(
+    tmp_path: Path, data, method: str, best_epoch: int
+) -> None:
+    weights: dict[int, dict[str, torch.Tensor]] = {}
+    trainer: Trainer
+
+    def on_event(event: dict) -> None:
+        if event["type"] == "epoch":
+            weights[event["epoch"]] = {k: v.clone() for k, v in trainer.student.state_dict().items()}
+
+    trainer = make_trainer(tmp_path, data, method=method, trainer_cls=ScriptedValidation, on_event=on_event)
+    result = trainer.fit()
+    assert result["best"]["epoch"] == best_epoch
+    assert [m["best"] for m in result["history"]] == (
+        [True, True, False] if method == "rslad" else [True, False, True]
+    )
+    best = load(tmp_path / "student_best.pt")
+    assert all(torch.equal(best[k], weights[best_epoch][k]) for k in best)
+
+
+def test_resume_refuses_a_different_run(tmp_path: Path, data) -> None:
+    make_trainer(tmp_path, data, method="sat").fit()
+    with pytest.raises(ConfigError, match="different run"):
+        make_trainer(tmp_path, data, method="rslad").fit()
