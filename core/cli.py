@@ -96,10 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "or cifar10 / cifar100 (quote it: ';' ends a shell command)")
     d.add_argument("--teacher-format", default="auto",
                    help="auto, torchscript, export, state_dict or safetensors")
-    d.add_argument("--student", default="resnet18", metavar="NAME",
-                   help="student architecture (python -m core models)")
-    d.add_argument("--method", default="rslad", metavar="NAME",
-                   help="training method (python -m core methods)")
+    d.add_argument("--student", default="resnet18", metavar="NAME[,NAME...]",
+                   help="student architecture (python -m core models); several, comma-separated, are "
+                        "trained in one pass over the data sharing each teacher forward (DIR/ARCH-METHOD/)")
+    d.add_argument("--method", default="rslad", metavar="NAME[,NAME...]",
+                   help="training method (python -m core methods); several: every student with every method")
     d.add_argument("--method-param", action="append", default=[], type=parse_param, metavar="KEY=VALUE",
                    help="override a method hyper-parameter, e.g. steps=5 or milestones=[10,15]; repeatable")
     d.add_argument("--dataset", default="cifar10", help=DATASET_HELP)
@@ -163,9 +164,11 @@ def _accuracy_table(columns: dict[str, list[dict[str, Any]]]) -> str:
         names += [r["attack"] for r in rows if r["attack"] not in names]
     lookup = {c: {r["attack"]: r["accuracy"] for r in rows} for c, rows in columns.items()}
     width = max(len("attack"), *(len(n) for n in names))
-    lines = ["  ".join([f"{'attack':<{width}}", *(f"{c:>14}" for c in columns)])]
+    cw = {c: max(14, len(c)) for c in columns}
+    lines = ["  ".join([f"{'attack':<{width}}", *(f"{c:>{cw[c]}}" for c in columns)])]
     for name in names:
-        cells = [f"{lookup[c][name]:>14.2%}" if name in lookup[c] else f"{'-':>14}" for c in columns]
+        cells = [f"{lookup[c][name]:>{cw[c]}.2%}" if name in lookup[c] else f"{'-':>{cw[c]}}"
+                 for c in columns]
         lines.append("  ".join([f"{name:<{width}}", *cells]))
     return "\n".join(lines)
 
@@ -174,33 +177,47 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from core.pipeline import DistillConfig, run_distillation
     from core.progress import ProgressPrinter
 
+    archs, methods = parse_list(args.student), parse_list(args.method)
+    students = None
+    if len(archs) > 1 or len(methods) > 1:
+        students = [{"student": a, "method": m} for a in archs for m in methods]
     cfg = DistillConfig(
         teacher_path=args.teacher, teacher_arch=args.teacher_arch, teacher_format=args.teacher_format,
-        teacher_normalize=args.teacher_normalize, student=args.student, method=args.method,
+        teacher_normalize=args.teacher_normalize, student=archs[0], method=methods[0],
         method_params=dict(args.method_param), dataset=args.dataset, data_root=args.data_root,
         epochs=args.epochs, batch_size=args.batch_size, eps=args.eps, train_subset=args.train_subset,
         val_size=args.val_size, seed=args.seed, deterministic=args.deterministic, device=args.device,
         amp=args.amp, channels_last=args.channels_last, attacks=args.attacks, n_eval=args.n_eval,
         eval_batch_size=args.eval_batch_size, evaluate_teacher=args.evaluate_teacher)
+    if students:
+        cfg.students = [{**s, "method_params": dict(cfg.method_params)} for s in students]
     cfg.validate()
     out = Path(args.out)
-    if (out / "checkpoint.pt").exists():
-        _err(f"resuming from {out / 'checkpoint.pt'}")
+    if any(out.glob("**/checkpoint.pt")):
+        _err(f"resuming from the checkpoint(s) in {out}")
     printer = ProgressPrinter(sys.stderr)
     try:
         report = run_distillation(cfg, out, on_event=printer)
     finally:
         printer.close()
-    final = report["final"]
-    columns = {f"best (ep {final['best']['epoch']})": final["best"]["rows"],
-               f"last (ep {final['last']['epoch']})": final["last"]["rows"]}
-    print(_accuracy_table(columns))
+    singles = report["students"] if students else {"": report}
+    for name, single in singles.items():
+        final = single["final"]
+        prefix = f"{name} " if name else ""
+        columns = {f"{prefix}best (ep {final['best']['epoch']})": final["best"]["rows"],
+                   f"{prefix}last (ep {final['last']['epoch']})": final["last"]["rows"]}
+        print(_accuracy_table(columns))
+        print()
     if report.get("teacher") and report["teacher"].get("evaluation"):
-        print("\nteacher:")
+        print("teacher:")
         print(_accuracy_table({"teacher": report["teacher"]["evaluation"]["rows"]}))
+        print()
     for message in report["warnings"]:
         _err(f"warning: {message}")
-    print(f"\nreport: {out / 'report.json'}  weights: {out / 'student_best.pt'}, {out / 'student_last.pt'}")
+    if students:
+        print(f"report: {out / 'report.json'}  students: {', '.join(str(out / n) for n in singles)}")
+    else:
+        print(f"report: {out / 'report.json'}  weights: {out / 'student_best.pt'}, {out / 'student_last.pt'}")
     return 0
 
 

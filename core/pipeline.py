@@ -11,8 +11,9 @@ import json
 import math
 import os
 import platform
+import re
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ DEFAULT_EPS = 8 / 255
 DEFAULT_ATTACKS = ("clean", "fgsm", "pgd_sat", "pgd_trades", "cw_inf", "aa")
 # 'transfer' needs a surrogate model, which a distillation job does not have.
 DISTILL_ATTACKS = tuple(name for name in ATTACKS if name != "transfer")
+_NAME = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,63}")
 
 
 @dataclass
@@ -67,6 +69,9 @@ class DistillConfig:
     n_eval: int | None = None
     eval_batch_size: int = 256
     evaluate_teacher: bool = False
+    # Several students in one pass (core/multi.py): each {"student", "method", "method_params"?, "name"?};
+    # when given, it replaces student / method / method_params above. Every other setting is shared.
+    students: list[dict[str, Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -98,8 +103,40 @@ class DistillConfig:
     def build_method(self, num_classes: int | None = None) -> Method:
         return create_method(self.method, **self.method_overrides(num_classes))
 
+    def student_configs(self) -> dict[str, DistillConfig]:
+        """name -> the single-student config of each student (one entry, named 'student', without
+        ``students``). Names default to 'ARCH-METHOD' and become folder and artifact names."""
+        if not self.students:
+            return {"student": self}
+        if not isinstance(self.students, list):
+            raise ConfigError("students must be a list of {student, method, method_params, name}")
+        out: dict[str, DistillConfig] = {}
+        for i, spec in enumerate(self.students):
+            if not isinstance(spec, dict) or not spec.get("student") or not spec.get("method"):
+                raise ConfigError(f"students[{i}] must be an object with 'student' and 'method', "
+                                  f"got {spec!r}")
+            extra = sorted(set(spec) - {"student", "method", "method_params", "name"})
+            if extra:
+                raise ConfigError(f"students[{i}]: unknown key(s) {', '.join(extra)}; "
+                                  "allowed: student, method, method_params, name")
+            name = str(spec.get("name") or f"{spec['student']}-{spec['method']}")
+            if not _NAME.fullmatch(name):
+                raise ConfigError(f"students[{i}]: name {name!r} must be letters, digits, '_', '-' or '.' "
+                                  "(at most 64), not starting with '.'")
+            if name in out:
+                raise ConfigError(f"two students are named {name!r}: give them distinct 'name's")
+            out[name] = replace(self, student=spec["student"], method=spec["method"],
+                                method_params=dict(spec.get("method_params") or {}), students=None)
+        return out
+
     def validate(self) -> Method:
-        """Raise ConfigError for anything that would fail later; return the method it describes."""
+        """Raise ConfigError for anything that would fail later; return the method it describes (the
+        first student's, for several)."""
+        if self.students is not None:
+            if not self.students:
+                raise ConfigError("students is empty: list at least one {student, method}")
+            methods = [sub.validate() for sub in self.student_configs().values()]
+            return methods[0]
         _check_int("batch_size", self.batch_size, 1)
         _check_int("val_size", self.val_size, 0)
         _check_int("seed", self.seed, 0)
@@ -219,83 +256,145 @@ def run_distillation(cfg: DistillConfig, out_dir: str | os.PathLike, *, on_event
     """Train a student as ``cfg`` says, evaluate its best and last checkpoints, write ``report.json``.
 
     ``out_dir`` holding a ``checkpoint.pt`` of the same run resumes it after its last finished epoch.
+    With ``cfg.students`` it trains them all in one pass (see ``run_multi_distillation``).
     """
+    if cfg.students is not None:
+        return run_multi_distillation(cfg, out_dir, on_event=on_event, should_stop=should_stop)
     started = time.monotonic()
     cfg.validate()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
-    warnings: list[str] = []
-
-    def warn(message: str) -> None:
-        warnings.append(message)
-        _emit(on_event, {"type": "warning", "message": message})
-
-    if cfg.teacher_path and not Path(cfg.teacher_path).is_file():  # fail before loading the data
-        raise ModelLoadError(f"teacher file {cfg.teacher_path!r} does not exist or is not a file")
-    data = load_dataset(cfg.dataset, cfg.data_root, val_size=cfg.val_size, seed=cfg.seed,
-                        train_subset=cfg.train_subset)
-    method = cfg.build_method(data.num_classes)
-    image_shape = tuple(int(s) for s in data.train.x.shape[1:])
-
-    teacher_info: dict[str, Any] | None = None
-    teacher: nn.Module | None = None
-    if cfg.teacher_path and (method.needs_teacher or cfg.evaluate_teacher):
-        loaded = load_model_file(cfg.teacher_path, arch=cfg.teacher_arch, num_classes=data.num_classes,
-                                 normalize=cfg.teacher_normalize or None, fmt=cfg.teacher_format,
-                                 device=device, input_shape=image_shape)
-        teacher = loaded.model
-        teacher_info = {"path": os.path.basename(cfg.teacher_path), "format": loaded.format,
-                        "arch": loaded.arch, "num_classes": loaded.num_classes, "params": loaded.num_params,
-                        "normalize": loaded.normalize, "probe": loaded.probe}
-        if cfg.evaluate_teacher:
-            teacher_info["evaluation"] = _evaluate(teacher, data, cfg, device, should_stop)
-    elif cfg.teacher_path:
-        warn(f"method {cfg.method!r} does not use a teacher; the teacher file is ignored")
-
-    torch.manual_seed(cfg.seed)  # the student's initial weights are a function of the seed
-    student = create_model(cfg.student, data.num_classes)
-    train_cfg = TrainConfig(epochs=method.epochs, milestones=tuple(method.milestones),
-                            batch_size=cfg.batch_size, seed=cfg.seed, deterministic=cfg.deterministic,
-                            amp=cfg.amp, channels_last=cfg.channels_last, val_eps=cfg.eval_eps,
-                            device=str(device), val_batch_size=cfg.eval_batch_size)
-    trainer = Trainer(train_cfg, method, student, teacher if method.needs_teacher else None, data, out,
-                      on_event=on_event, should_stop=should_stop)
+    job = _Inputs(cfg, on_event, should_stop)
+    trainer = job.trainer(cfg, out, on_event)
     fit = trainer.fit()
-
     _emit(on_event, {"type": "status", "status": "evaluating"})
-    final: dict[str, Any] = {}
-    last_epoch = fit["history"][-1]["epoch"] if fit["history"] else None
-    for which, epoch in (("last", last_epoch), ("best", fit["best"]["epoch"])):
-        if which == "best" and epoch == last_epoch:
-            final["best"] = {**final["last"], "same_as_last": True}
-            continue
-        model = create_model(cfg.student, data.num_classes)
-        state = torch.load(out / f"student_{which}.pt", map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
-        result = _evaluate(model, data, cfg, device, should_stop)
-        final[which] = {"epoch": epoch, **result}
-    final = {"best": final["best"], "last": final["last"]}
-    for which in ("best", "last"):
-        for message in final[which]["warnings"]:
-            warn(f"{which} checkpoint: {message}")
-
-    report = {
-        "config": cfg.to_dict(),
-        "train_config": fit["config"],
-        "dataset": dataset_info(data),
-        "teacher": teacher_info,
-        "history": fit["history"],
-        "best_selected_on": fit["best"]["metric"],
-        "resumed_from_epoch": fit["resumed_from"],
-        "final": final,
-        "warnings": warnings,
-        "versions": versions(),
-        "seconds": round(time.monotonic() - started, 3),
-    }
-    report = _finite(report)
+    report = job.report(cfg, fit, out, started)
     _write_json(report, out / "report.json")
     return report
+
+
+def run_multi_distillation(cfg: DistillConfig, out_dir: str | os.PathLike, *, on_event: EventFn | None = None,
+                           should_stop: StopFn | None = None) -> dict[str, Any]:
+    """Several students from one teacher in one pass over the data (``cfg.students``).
+
+    Each student gets ``out_dir/NAME/`` with the files and ``report.json`` a single run writes; the
+    returned (and written) ``out_dir/report.json`` holds every student's report under ``students``.
+    Per-student events carry ``student: NAME``; progress events are the pass's.
+    """
+    from core.multi import MultiTrainer
+
+    started = time.monotonic()
+    cfg.validate()
+    subs = cfg.student_configs()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    job = _Inputs(cfg, on_event, should_stop)
+
+    def tagged(name: str) -> EventFn:
+        def emit(event: dict[str, Any]) -> None:
+            if event.get("type") != "progress":
+                _emit(on_event, {**event, "student": name})
+        return emit
+
+    trainers = {name: job.trainer(sub, out / name, tagged(name)) for name, sub in subs.items()}
+    fits = MultiTrainer(trainers, on_event=on_event, should_stop=should_stop).fit()
+    _emit(on_event, {"type": "status", "status": "evaluating"})
+    reports: dict[str, Any] = {}
+    for name, sub in subs.items():
+        reports[name] = job.report(sub, fits[name], out / name, started)
+        _write_json(reports[name], out / name / "report.json")
+    report = _finite({
+        "config": cfg.to_dict(),
+        "dataset": dataset_info(job.data),
+        "teacher": job.teacher_info,
+        "students": reports,
+        "shared_pass": {"students": list(subs), "teacher_forwards_per_batch": 1},
+        "warnings": list(job.warnings),
+        "versions": versions(),
+        "seconds": round(time.monotonic() - started, 3),
+    })
+    _write_json(report, out / "report.json")
+    return report
+
+
+class _Inputs:
+    """What the students of one job share: the device, the data, the teacher and its evaluation."""
+
+    def __init__(self, cfg: DistillConfig, on_event: EventFn | None, should_stop: StopFn | None) -> None:
+        self.on_event, self.should_stop = on_event, should_stop
+        self.device = resolve_device(cfg.device)
+        self.warnings: list[str] = []
+        if cfg.teacher_path and not Path(cfg.teacher_path).is_file():  # fail before loading the data
+            raise ModelLoadError(f"teacher file {cfg.teacher_path!r} does not exist or is not a file")
+        self.data = load_dataset(cfg.dataset, cfg.data_root, val_size=cfg.val_size, seed=cfg.seed,
+                                 train_subset=cfg.train_subset)
+        subs = cfg.student_configs().values()
+        needs_teacher = any(sub.build_method(self.data.num_classes).needs_teacher for sub in subs)
+        image_shape = tuple(int(s) for s in self.data.train.x.shape[1:])
+        self.teacher_info: dict[str, Any] | None = None
+        self.teacher: nn.Module | None = None
+        if cfg.teacher_path and (needs_teacher or cfg.evaluate_teacher):
+            loaded = load_model_file(cfg.teacher_path, arch=cfg.teacher_arch,
+                                     num_classes=self.data.num_classes,
+                                     normalize=cfg.teacher_normalize or None, fmt=cfg.teacher_format,
+                                     device=self.device, input_shape=image_shape)
+            self.teacher = loaded.model
+            self.teacher_info = {"path": os.path.basename(cfg.teacher_path), "format": loaded.format,
+                                 "arch": loaded.arch, "num_classes": loaded.num_classes,
+                                 "params": loaded.num_params, "normalize": loaded.normalize,
+                                 "probe": loaded.probe}
+            if cfg.evaluate_teacher:
+                self.teacher_info["evaluation"] = _evaluate(self.teacher, self.data, cfg, self.device,
+                                                            should_stop)
+        elif cfg.teacher_path:
+            self.warn(f"method {cfg.method!r} does not use a teacher; the teacher file is ignored")
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+        _emit(self.on_event, {"type": "warning", "message": message})
+
+    def trainer(self, cfg: DistillConfig, out: Path, on_event: EventFn | None) -> Trainer:
+        method = cfg.build_method(self.data.num_classes)
+        torch.manual_seed(cfg.seed)  # the student's initial weights are a function of the seed
+        student = create_model(cfg.student, self.data.num_classes)
+        train_cfg = TrainConfig(epochs=method.epochs, milestones=tuple(method.milestones),
+                                batch_size=cfg.batch_size, seed=cfg.seed, deterministic=cfg.deterministic,
+                                amp=cfg.amp, channels_last=cfg.channels_last, val_eps=cfg.eval_eps,
+                                device=str(self.device), val_batch_size=cfg.eval_batch_size)
+        return Trainer(train_cfg, method, student, self.teacher if method.needs_teacher else None, self.data,
+                       out, on_event=on_event, should_stop=self.should_stop)
+
+    def report(self, cfg: DistillConfig, fit: dict[str, Any], out: Path, started: float) -> dict[str, Any]:
+        """Evaluate the best and the last checkpoint on the test split; the run's report."""
+        final: dict[str, Any] = {}
+        warnings = list(self.warnings)
+        last_epoch = fit["history"][-1]["epoch"] if fit["history"] else None
+        for which, epoch in (("last", last_epoch), ("best", fit["best"]["epoch"])):
+            if which == "best" and epoch == last_epoch:
+                final["best"] = {**final["last"], "same_as_last": True}
+                continue
+            model = create_model(cfg.student, self.data.num_classes)
+            state = torch.load(out / f"student_{which}.pt", map_location="cpu", weights_only=True)
+            model.load_state_dict(state)
+            final[which] = {"epoch": epoch, **_evaluate(model, self.data, cfg, self.device, self.should_stop)}
+        final = {"best": final["best"], "last": final["last"]}
+        for which in ("best", "last"):
+            for message in final[which]["warnings"]:
+                warnings.append(f"{which} checkpoint: {message}")
+                _emit(self.on_event, {"type": "warning", "message": warnings[-1]})
+        return _finite({
+            "config": cfg.to_dict(),
+            "train_config": fit["config"],
+            "dataset": dataset_info(self.data),
+            "teacher": self.teacher_info,
+            "history": fit["history"],
+            "best_selected_on": fit["best"]["metric"],
+            "resumed_from_epoch": fit["resumed_from"],
+            "final": final,
+            "warnings": warnings,
+            "versions": versions(),
+            "seconds": round(time.monotonic() - started, 3),
+        })
 
 
 def _evaluate(model: nn.Module, data: DatasetBundle, cfg: DistillConfig, device: torch.device,

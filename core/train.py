@@ -126,7 +126,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class _Determinism:
+class Determinism:
     """Sets torch's global determinism flags for one run and puts the previous ones back after it."""
 
     def __init__(self, deterministic: bool, device: torch.device) -> None:
@@ -204,26 +204,87 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         """Train the remaining epochs; return {"history", "best", "config", "resumed_from"}."""
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        with _Determinism(self.config.deterministic, self.device):
-            if not self._resume():
-                self.start_epoch = 0
-                torch.manual_seed(self.config.seed)
-                random.seed(self.config.seed)
-                np.random.seed(self.config.seed % 2**32)
-            self._t_start, self._frac_start = time.monotonic(), self.start_epoch / self.epochs
+        with Determinism(self.config.deterministic, self.device):
+            self.start()
             for epoch in range(self.start_epoch, self.epochs):
                 self._run_epoch(epoch)
+        return self.result()
+
+    def start(self) -> None:
+        """Resume from ``checkpoint.pt`` when the out dir has one, else seed the global RNGs."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if not self._resume():
+            self.start_epoch = 0
+            torch.manual_seed(self.config.seed)
+            random.seed(self.config.seed)
+            np.random.seed(self.config.seed % 2**32)
+        self._t_start, self._frac_start = time.monotonic(), self.start_epoch / self.epochs
+
+    def result(self) -> dict[str, Any]:
         return {"history": self.history, "best": dict(self.best), "config": self.resolved(),
                 "resumed_from": self.start_epoch}
 
     # ----- one epoch -----------------------------------------------------------------------------------
 
     def _run_epoch(self, epoch: int) -> None:
-        cfg, t0 = self.config, time.monotonic()
-        lr = self.optimizer.param_groups[0]["lr"]
+        t0, lr = time.monotonic(), self.optimizer.param_groups[0]["lr"]
         train = self._train_epoch(epoch)
-        train_seconds = time.monotonic() - t0
+        self.finish_epoch(epoch, lr, train, time.monotonic() - t0, t0)
+
+    def _train_epoch(self, epoch: int) -> dict[str, Any]:
+        """One pass over the training split; returns the means of the method's logged terms."""
+        steps = self.steps_per_epoch()
+        self.begin_epoch(epoch)
+        for step, (x, y) in enumerate(self.epoch_batches(epoch), start=1):
+            self._check_stop(epoch, step)
+            self.train_step(self.make_batch(x, y), epoch, step)
+            self._progress(epoch, step, steps)
+        return self.end_epoch()
+
+    # The pieces of an epoch, public so that core.multi can drive several trainers over one data pass.
+
+    def steps_per_epoch(self) -> int:
+        return max(1, math.ceil(_size(self.train_split) / self.config.batch_size))
+
+    def epoch_batches(self, epoch: int):
+        """The epoch's shuffled, augmented batches: a pure function of (seed, epoch)."""
+        data_gen = torch.Generator(device=self.device).manual_seed(_mix(self.config.seed, epoch, 0))
+        return iterate_batches(self.train_split, self.config.batch_size, shuffle=True, augment=True,
+                               generator=data_gen, device=self.device)
+
+    def make_batch(self, x: torch.Tensor, y: torch.Tensor) -> Batch:
+        """A Batch in the student's memory format; its teacher logits are computed once, on first use."""
+        return Batch(x=x.contiguous(memory_format=self.memory_format), y=y, teacher=self.teacher,
+                     autocast=self._autocast)
+
+    def begin_epoch(self, epoch: int) -> None:
+        self._attack_gen = torch.Generator(device=self.device).manual_seed(_mix(self.config.seed, epoch, 1))
+        self._sums: dict[str, float] = {}
+        self._seen = 0
+        self.student.train()
+
+    def train_step(self, batch: Batch, epoch: int, step: int) -> None:
+        """The method's loss on one batch, then one SGD step (the attack draws from this run's generator)."""
+        batch.generator = self._attack_gen
+        loss, logs = self.method.loss(self.student, batch, epoch=epoch)
+        if not torch.isfinite(loss):
+            raise ConfigError(f"the loss is {float(loss)} at epoch {epoch + 1} step {step}: training "
+                              "diverged; lower the learning rate or turn amp off")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        n = len(batch.y)
+        self._seen += n
+        for k, v in logs.items():
+            self._sums[k] = self._sums.get(k, 0.0) + v * n
+
+    def end_epoch(self) -> dict[str, Any]:
+        return {**{k: v / max(self._seen, 1) for k, v in self._sums.items()}, "images": self._seen}
+
+    def finish_epoch(self, epoch: int, lr: float, train: dict[str, Any], train_seconds: float,
+                     t0: float) -> None:
+        """Train accuracy, validation, the schedule step, checkpoints and the epoch's events."""
+        cfg = self.config
         metrics: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, **train}
         metrics["train_acc"] = self._accuracy(self.train_split, limit=cfg.train_eval_size)
         if self._validate_now(epoch):
@@ -246,35 +307,6 @@ class Trainer:
         _atomic_save(self._checkpoint(epoch + 1), path)
         self.on_event({"type": "epoch", "epoch": epoch + 1, "epochs": self.epochs, "metrics": metrics})
         self.on_event({"type": "checkpoint", "epoch": epoch + 1, "path": str(path)})
-
-    def _train_epoch(self, epoch: int) -> dict[str, Any]:
-        """One pass over the training split; returns the means of the method's logged terms."""
-        cfg, split = self.config, self.train_split
-        data_gen = torch.Generator(device=self.device).manual_seed(_mix(cfg.seed, epoch, 0))
-        attack_gen = torch.Generator(device=self.device).manual_seed(_mix(cfg.seed, epoch, 1))
-        steps = max(1, math.ceil(_size(split) / cfg.batch_size))
-        sums: dict[str, float] = {}
-        seen = 0
-        self.student.train()
-        batches = iterate_batches(split, cfg.batch_size, shuffle=True, augment=True, generator=data_gen,
-                                  device=self.device)
-        for step, (x, y) in enumerate(batches, start=1):
-            self._check_stop(epoch, step)
-            x = x.contiguous(memory_format=self.memory_format)
-            batch = Batch(x=x, y=y, teacher=self.teacher, autocast=self._autocast, generator=attack_gen)
-            loss, logs = self.method.loss(self.student, batch, epoch=epoch)
-            if not torch.isfinite(loss):
-                raise ConfigError(f"the loss is {float(loss)} at epoch {epoch + 1} step {step}: training "
-                              "diverged; lower the learning rate or turn amp off")
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            n = len(y)
-            seen += n
-            for k, v in logs.items():
-                sums[k] = sums.get(k, 0.0) + v * n
-            self._progress(epoch, step, steps)
-        return {**{k: v / max(seen, 1) for k, v in sums.items()}, "images": seen}
 
     def _autocast(self):
         return autocast(self.device, self.amp)

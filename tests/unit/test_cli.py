@@ -212,3 +212,17 @@ def test_tiny_distill_writes_report_and_resumes(
         ]
 
     assert accuracies(again) == accuracies(report)
+
+
+def test_several_methods_train_in_one_pass(npz: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "multi"
+    args = ["distill", "--method", "sat,trades", "--method-param", "steps=1", "--student", "tiny_cnn",
+            "--dataset", "npz", "--data-root", str(npz), "--epochs", "1", "--batch-size", "16",
+            "--val-size", "8", "--attacks", "clean", "--n-eval", "8", "--device", "cpu", "--out", str(out)]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert "tiny_cnn-sat best" in captured.out and "tiny_cnn-trades last" in captured.out
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["students"]) == ["tiny_cnn-sat", "tiny_cnn-trades"]
+    for name in report["students"]:
+        assert (out / name / "student_best.pt").is_file() and (out / name / "report.json").is_file()

@@ -1,0 +1,107 @@
+"""Several students in one data pass: each is bit for bit the student a separate run trains."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from core.errors import Cancelled, ConfigError
+from core.pipeline import DistillConfig, run_distillation
+
+STUDENTS = [
+    {"student": "tiny_cnn", "method": "rslad", "method_params": {"steps": 1}},
+    {"student": "tiny_cnn", "method": "ard", "method_params": {"steps": 1}, "name": "ard"},
+    {"student": "tiny_cnn", "method": "sat", "method_params": {"steps": 1}},
+]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny learnable npz dataset (4 classes, 3x12x12) and a random tiny_cnn teacher state dict."""
+    rng = np.random.default_rng(0)
+    y = np.arange(120) % 4
+    colours = rng.uniform(40, 215, size=(4, 3))
+    x = np.clip(colours[y][:, None, None, :] + rng.normal(0, 40, size=(120, 12, 12, 3)), 0, 255)
+    root = tmp_path_factory.mktemp("multi")
+    x = x.astype(np.uint8)
+    np.savez(root / "d.npz", x=x[:96], y=y[:96], x_test=x[96:], y_test=y[96:])
+    from core.models import create_model
+
+    torch.manual_seed(7)
+    torch.save(create_model("tiny_cnn", 4).state_dict(), root / "teacher.pt")
+    return root / "d.npz", root / "teacher.pt"
+
+
+def config(files: tuple[Path, Path], **kw) -> DistillConfig:
+    data, teacher = files
+    base = dict(teacher_path=str(teacher), teacher_arch="tiny_cnn", dataset="npz", data_root=str(data),
+                epochs=2, batch_size=16, val_size=16, seed=3, deterministic=True, device="cpu",
+                attacks=["clean", "pgd_sat"], eval_batch_size=32)
+    return DistillConfig(**{**base, **kw})
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_one_pass_equals_separate_runs(files, tmp_path: Path) -> None:
+    events: list[dict] = []
+    multi = run_distillation(config(files, students=STUDENTS), tmp_path / "multi", on_event=events.append)
+    names = ["tiny_cnn-rslad", "ard", "tiny_cnn-sat"]
+    assert list(multi["students"]) == names
+    assert json.loads((tmp_path / "multi" / "report.json").read_text())["students"].keys() == set(names)
+    assert {e["student"] for e in events if e["type"] == "epoch"} == set(names)
+
+    drop = {"seconds", "train_seconds", "images_per_s"}
+
+    def strip(history: list[dict]) -> list[dict]:
+        return [{k: v for k, v in m.items() if k not in drop} for m in history]
+
+    def accuracies(report: dict) -> list[tuple[str, float]]:
+        return [(r["attack"], r["accuracy"]) for r in report["final"]["last"]["rows"]]
+
+    for name, spec in zip(names, STUDENTS, strict=True):
+        single = {k: v for k, v in spec.items() if k != "name"}
+        alone = run_distillation(config(files, **single), tmp_path / name)
+        for file in ("student_best.pt", "student_last.pt"):
+            a, b = weights(tmp_path / "multi" / name / file), weights(tmp_path / name / file)
+            assert all(torch.equal(a[k], b[k]) for k in a), (name, file)
+        assert strip(multi["students"][name]["history"]) == strip(alone["history"])
+        assert accuracies(multi["students"][name]) == accuracies(alone)
+
+
+def test_cancelled_pass_resumes_every_student(files, tmp_path: Path) -> None:
+    state = {"stop": False}
+
+    def on_event(event: dict) -> None:
+        if event["type"] == "progress" and event["epoch"] == 2:
+            state["stop"] = True
+
+    with pytest.raises(Cancelled):
+        run_distillation(config(files, students=STUDENTS[:2]), tmp_path, on_event=on_event,
+                         should_stop=lambda: state["stop"])
+    report = run_distillation(config(files, students=STUDENTS[:2]), tmp_path)
+    assert all(r["resumed_from_epoch"] == 1 for r in report["students"].values())
+    assert all([m["epoch"] for m in r["history"]] == [1, 2] for r in report["students"].values())
+
+
+@pytest.mark.parametrize(
+    ("students", "message"),
+    [
+        ([], "students is empty"),
+        ([{"student": "tiny_cnn"}], "'student' and 'method'"),
+        ([{"student": "tiny_cnn", "method": "rslad", "lr": 1}], "unknown key(s) lr"),
+        ([{"student": "tiny_cnn", "method": "sat"}, {"student": "tiny_cnn", "method": "sat"}], "named"),
+        ([{"student": "tiny_cnn", "method": "rslad", "name": "../x"}], "name '../x'"),
+        ([{"student": "nope", "method": "rslad"}], "unknown student 'nope'"),
+        ([{"student": "tiny_cnn", "method": "rslad", "method_params": {"beta": -1}}], "beta"),
+    ],
+)
+def test_bad_student_lists_are_config_errors(files, students, message: str) -> None:
+    with pytest.raises(ConfigError, match=None) as info:
+        config(files, students=students).validate()
+    assert message in str(info.value)
