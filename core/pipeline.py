@@ -35,7 +35,7 @@ DEFAULT_EPS = 8 / 255
 DEFAULT_ATTACKS = ("clean", "fgsm", "pgd_sat", "pgd_trades", "cw_inf", "aa")
 # 'transfer' needs a surrogate model, which a distillation job does not have.
 DISTILL_ATTACKS = tuple(name for name in ATTACKS if name != "transfer")
-_NAME = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,63}")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
 
 
 @dataclass
@@ -122,7 +122,7 @@ class DistillConfig:
             name = str(spec.get("name") or f"{spec['student']}-{spec['method']}")
             if not _NAME.fullmatch(name):
                 raise ConfigError(f"students[{i}]: name {name!r} must be letters, digits, '_', '-' or '.' "
-                                  "(at most 64), not starting with '.'")
+                                  "(at most 64), starting with a letter or digit")
             if name in out:
                 raise ConfigError(f"two students are named {name!r}: give them distinct 'name's")
             out[name] = replace(self, student=spec["student"], method=spec["method"],

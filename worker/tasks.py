@@ -1,0 +1,389 @@
+"""The one task: run a job through ``core.pipeline.run_distillation`` and keep the database in step.
+
+torch and ``core`` are imported inside the task body only (see worker/__init__.py). Every write goes
+through ``service.jobs`` in its own short transaction, so the API sees progress as it happens, and
+every write that a redelivered task could repeat (epoch metrics, checkpoints, warnings) carries a
+dedupe key. A redelivered job starts again from the checkpoint the last attempt left in the store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from celery.utils.log import get_task_logger
+
+from service.db import make_engine, make_session_factory, session_scope
+from service.jobs import (
+    IllegalTransition,
+    add_event,
+    record_artifact,
+    set_progress,
+    start_attempt,
+    transition,
+    upsert_metrics,
+)
+from service.models import Dataset, Job, JobEvent, Teacher
+from service.queue import RUN_JOB_TASK
+from service.settings import Settings, get_settings
+from service.storage import ObjectNotFound, job_key, open_store
+from worker.celery_app import app
+from worker.lease import ACTIVE_STATUSES, WorkerSettings, gave_up, is_stale, touch
+
+log = get_task_logger(__name__)
+
+RESULT_FILES = ("student_best.pt", "student_last.pt", "report.json")
+PROGRESS_EVERY_S = 1.0
+
+
+@app.task(name=RUN_JOB_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def run_job(job_id: str) -> str:
+    """Run one job; returns a word for the worker's log (the job's state lives in the database)."""
+    return JobRun(job_id, get_settings(), WorkerSettings()).execute()
+
+
+def finite(obj: Any) -> Any:
+    """JSON columns reject NaN and infinities (PostgreSQL does): store them as null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {str(k): finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def normalize_spec(normalize: dict[str, Any] | None) -> str | None:
+    """A teacher row's {"mean": [...], "std": [...]} in the "m1,m2,m3;s1,s2,s3" form core parses."""
+    if not normalize or not normalize.get("mean") or not normalize.get("std"):
+        return None
+    return ";".join(",".join(repr(float(v)) for v in normalize[k]) for k in ("mean", "std"))
+
+
+class LostLease(Exception):
+    """Another attempt owns the job now (this worker was presumed dead): stop without writing."""
+
+
+class JobRun:
+    """One attempt at one job, from claiming it to its terminal status."""
+
+    def __init__(self, job_id: str, settings: Settings, worker_settings: WorkerSettings) -> None:
+        self.job_id, self.settings, self.ws = job_id, settings, worker_settings
+        self.engine = make_engine(settings.database_url)
+        self.sessions = make_session_factory(self.engine)
+        self.store = open_store(settings)
+        assert settings.work_dir is not None
+        self.work = Path(settings.work_dir) / job_id
+        self.out = self.work / "out"
+        self.attempt = 0
+        self.tenant_id = ""
+        self.cancelled = threading.Event()  # set by the monitor: cancel asked for
+        self.lost = threading.Event()  # set by the monitor: another attempt owns the job
+        self.stop_monitor = threading.Event()
+        self._last_progress = 0.0
+        self._best_pending = False
+
+    # ----- the attempt ---------------------------------------------------------------------------------
+
+    def execute(self) -> str:
+        try:
+            outcome = self._claim()
+            if outcome is not None:
+                log.info("job %s: not run (%s)", self.job_id, outcome)
+                return outcome
+            monitor = threading.Thread(
+                target=self._monitor, name=f"rd-monitor-{self.job_id[:8]}", daemon=True
+            )
+            monitor.start()
+            try:
+                return self._run()
+            finally:
+                self.stop_monitor.set()
+                monitor.join(timeout=10)
+                shutil.rmtree(self.work, ignore_errors=True)
+        finally:
+            self.engine.dispose()
+
+    def _claim(self) -> str | None:
+        """Move the job to running for this attempt; a reason string when it must not run.
+
+        A job another worker is visibly running (fresh lease) is waited on for one lease period: if that
+        worker is really dead the lease runs out and this delivery takes over, else it is a duplicate.
+        """
+        deadline = time.monotonic() + self.ws.stale_after_s + 2 * self.ws.heartbeat_s
+        while True:
+            with session_scope(self.sessions) as session:
+                job = session.get(Job, self.job_id)
+                if job is None:
+                    return "no such job"
+                if job.is_terminal:
+                    return f"already {job.status}"
+                owned_elsewhere = (
+                    job.status in ACTIVE_STATUSES
+                    and not job.cancel_requested
+                    and not is_stale(job.updated_at, self.ws.stale_after_s)
+                )
+                if not owned_elsewhere:
+                    if (
+                        job.status in ACTIVE_STATUSES
+                        and job.attempts >= self.ws.max_attempts
+                        and not job.cancel_requested
+                    ):
+                        transition(session, job, "failed", error=gave_up(job.attempts, self.ws.max_attempts))
+                        return "failed: too many attempts"
+                    try:
+                        if not start_attempt(session, job):
+                            return job.status
+                    except IllegalTransition:
+                        session.rollback()
+                        return "claimed by another delivery"
+                    self.attempt, self.tenant_id = job.attempts, job.tenant_id
+                    log.info("job %s: attempt %d started", self.job_id, self.attempt)
+                    return None
+            if time.monotonic() > deadline:
+                return "running on a live worker (duplicate delivery)"
+            time.sleep(min(self.ws.heartbeat_s, 5.0))
+
+    def _run(self) -> str:
+        from core.errors import Cancelled, UserError
+
+        try:
+            cfg = self._prepare()
+            from core.pipeline import run_distillation
+
+            report = run_distillation(cfg, self.out, on_event=self._on_event, should_stop=self._should_stop)
+            self._finish_success(report)
+            return "succeeded"
+        except LostLease:
+            log.warning(
+                "job %s: attempt %d lost its lease; another attempt owns the job", self.job_id, self.attempt
+            )
+            return "lost lease"
+        except Cancelled as exc:
+            if self.lost.is_set():
+                log.warning("job %s: attempt %d stopped: lease lost", self.job_id, self.attempt)
+                return "lost lease"
+            self._finish("cancelled", error=None, note=str(exc))
+            return "cancelled"
+        except UserError as exc:
+            self._finish("failed", error=str(exc))
+            return "failed"
+        except Exception as exc:
+            log.exception("job %s: attempt %d crashed", self.job_id, self.attempt)
+            self._finish("failed", error=f"internal error: {type(exc).__name__}: {exc}")
+            return "failed"
+
+    # ----- inputs ----------------------------------------------------------------------------------------
+
+    def _prepare(self) -> Any:
+        """Fetch the teacher, the dataset and the last checkpoint; build the DistillConfig."""
+        from core.pipeline import DistillConfig
+
+        with session_scope(self.sessions) as session:
+            job = session.get(Job, self.job_id)
+            assert job is not None
+            params = dict(job.params or {})
+            teacher = session.get(Teacher, job.teacher_id) if job.teacher_id else None
+            dataset = session.get(Dataset, job.dataset_id) if job.dataset_id else None
+            teacher_row = (
+                None
+                if teacher is None
+                else (teacher.object_key, teacher.arch, teacher.format, teacher.normalize)
+            )
+            dataset_key = None if dataset is None else dataset.object_key
+            if job.teacher_id and teacher is None:
+                from core.errors import ModelLoadError
+
+                raise ModelLoadError(f"teacher {job.teacher_id} was deleted before the job ran")
+
+        shutil.rmtree(self.work, ignore_errors=True)
+        self.out.mkdir(parents=True)
+        if teacher_row is not None:
+            key, arch, fmt, normalize = teacher_row
+            local = self.work / f"teacher{Path(key).suffix or '.pt'}"
+            self.store.get_file(key, local)
+            params["teacher_path"] = str(local)
+            if not params.get("teacher_arch") and arch:
+                params["teacher_arch"] = arch
+            if params.get("teacher_format", "auto") == "auto" and fmt:
+                params["teacher_format"] = fmt
+            if not params.get("teacher_normalize"):
+                params["teacher_normalize"] = normalize_spec(normalize)
+        if dataset_key is not None:
+            local = self.work / "dataset.npz"
+            self.store.get_file(dataset_key, local)
+            params["dataset"], params["data_root"] = "npz", str(local)
+        else:
+            params["data_root"] = str(self.settings.data_root)
+
+        resumed_from = self._fetch_checkpoint()
+        if self.attempt > 1:
+            with session_scope(self.sessions) as session:
+                add_event(
+                    session,
+                    self.job_id,
+                    "resume",
+                    {
+                        "attempt": self.attempt,
+                        "checkpoint": resumed_from is not None,
+                        "checkpoint_epoch": resumed_from,
+                    },
+                    dedupe_key=f"resume:{self.attempt}",
+                )
+        return DistillConfig.from_dict(params)
+
+    def _fetch_checkpoint(self) -> int | None:
+        """Download the job's checkpoint (and best weights) if an earlier attempt left one."""
+        try:
+            self.store.get_file(self._key("checkpoint.pt"), self.out / "checkpoint.pt")
+        except ObjectNotFound:
+            return None
+        try:
+            self.store.get_file(self._key("student_best.pt"), self.out / "student_best.pt")
+        except ObjectNotFound:
+            pass
+        with session_scope(self.sessions) as session:
+            payloads = session.scalars(
+                sa.select(JobEvent.payload).where(
+                    JobEvent.job_id == self.job_id, JobEvent.type == "checkpoint"
+                )
+            ).all()
+        epoch = max((int(p.get("epoch", 0)) for p in payloads), default=0)
+        log.info("job %s: resuming from the stored checkpoint (epoch %d)", self.job_id, epoch)
+        return epoch
+
+    def _key(self, name: str) -> str:
+        return job_key(self.tenant_id, self.job_id, name)
+
+    # ----- during the run --------------------------------------------------------------------------------
+
+    def _monitor(self) -> None:
+        """Renew the lease every heartbeat and read the cancel flag every ``cancel_poll_s``."""
+        next_beat = 0.0
+        while not self.stop_monitor.is_set():
+            try:
+                with session_scope(self.sessions) as session:
+                    now = time.monotonic()
+                    if now >= next_beat:
+                        if not touch(session, self.job_id, self.attempt):
+                            job = session.get(Job, self.job_id)
+                            if job is None or job.attempts != self.attempt:
+                                self.lost.set()
+                        next_beat = now + self.ws.heartbeat_s
+                    row = session.execute(
+                        sa.select(Job.cancel_requested, Job.attempts).where(Job.id == self.job_id)
+                    ).first()
+                    if row is None or row.cancel_requested:
+                        self.cancelled.set()
+                    elif row.attempts != self.attempt:
+                        self.lost.set()
+            except Exception:
+                log.warning("job %s: monitor could not reach the database", self.job_id, exc_info=True)
+            self.stop_monitor.wait(self.ws.cancel_poll_s)
+
+    def _should_stop(self) -> bool:
+        return self.cancelled.is_set() or self.lost.is_set()
+
+    def _write(self) -> Any:
+        """A transaction for a write this attempt may still make (it still owns the job)."""
+        if self.lost.is_set():
+            raise LostLease()
+        return session_scope(self.sessions)
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        kind = event.get("type")
+        if kind == "progress":
+            now = time.monotonic()
+            last_step = event.get("step") == event.get("steps")
+            if now - self._last_progress < PROGRESS_EVERY_S and not last_step:
+                return
+            self._last_progress = now
+            with self._write() as session:
+                set_progress(session, self.job_id, finite({k: v for k, v in event.items() if k != "type"}))
+        elif kind == "epoch":
+            epoch, metrics = int(event["epoch"]), finite(dict(event.get("metrics") or {}))
+            self._best_pending = bool(metrics.get("best"))
+            with self._write() as session:
+                upsert_metrics(session, self.job_id, epoch, metrics)
+                add_event(
+                    session,
+                    self.job_id,
+                    "metrics",
+                    {"epoch": epoch, "epochs": event.get("epochs"), "metrics": metrics},
+                    dedupe_key=f"epoch:{epoch}",
+                )
+        elif kind == "checkpoint":
+            self._upload_checkpoint(int(event["epoch"]), Path(event["path"]))
+        elif kind == "status" and event.get("status") == "evaluating":
+            with self._write() as session:
+                job = session.get(Job, self.job_id)
+                assert job is not None
+                if job.status == "running":
+                    transition(session, job, "evaluating")
+                set_progress(session, self.job_id, {**(job.progress or {}), "fraction": 1.0, "eta_s": None})
+        elif kind == "warning":
+            message = str(event.get("message", ""))
+            digest = hashlib.sha1(message.encode()).hexdigest()[:16]
+            with self._write() as session:
+                add_event(
+                    session, self.job_id, "warning", {"message": message}, dedupe_key=f"warning:{digest}"
+                )
+        else:
+            log.debug("job %s: event %s not stored", self.job_id, kind)
+
+    def _upload_checkpoint(self, epoch: int, path: Path) -> None:
+        """Best weights first, then the checkpoint: a stored checkpoint always has its best file."""
+        if self.lost.is_set():
+            raise LostLease()
+        if self._best_pending and (self.out / "student_best.pt").exists():
+            self.store.put_file(self._key("student_best.pt"), self.out / "student_best.pt")
+        self.store.put_file(self._key("checkpoint.pt"), path)
+        self._best_pending = False
+        with self._write() as session:
+            add_event(session, self.job_id, "checkpoint", {"epoch": epoch}, dedupe_key=f"checkpoint:{epoch}")
+
+    # ----- the end ------------------------------------------------------------------------------------
+
+    def _finish_success(self, report: dict[str, Any]) -> None:
+        files = [(name, self.out / name) for name in RESULT_FILES]
+        for name, path in files:
+            self.store.put_file(self._key(name), path)
+        with self._write() as session:
+            for name, path in files:
+                record_artifact(
+                    session, self.job_id, name, self._key(name), path.stat().st_size, file_sha256(path)
+                )
+            job = session.get(Job, self.job_id)
+            assert job is not None
+            if job.attempts != self.attempt:
+                raise LostLease()
+            transition(session, job, "succeeded")
+        log.info("job %s: succeeded in %.1f s", self.job_id, report.get("seconds") or 0.0)
+
+    def _finish(self, status: str, *, error: str | None, note: str | None = None) -> None:
+        """Record a terminal status unless another attempt took the job (or it already ended)."""
+        try:
+            with session_scope(self.sessions) as session:
+                job = session.get(Job, self.job_id)
+                if job is None or job.is_terminal or job.attempts != self.attempt:
+                    return
+                if note:
+                    add_event(session, self.job_id, "info", {"message": note})
+                transition(session, job, status, error=error)
+        except IllegalTransition:
+            log.info("job %s: could not move to %s; it moved first", self.job_id, status)
+        log.info("job %s: %s%s", self.job_id, status, f": {error}" if error else "")
