@@ -311,10 +311,17 @@ def _method_params(pairs: list[str]) -> dict[str, Any]:
 
 
 def _job_body(args: argparse.Namespace, teacher_id: str | None) -> dict[str, Any]:
+    archs = [a.strip() for a in args.student.split(",") if a.strip()]
+    methods = [m.strip() for m in args.method.split(",") if m.strip()]
+    students = None
+    if len(archs) > 1 or len(methods) > 1:  # one job, one data pass, one teacher forward per batch
+        params = _method_params(args.method_param)
+        students = [{"student": a, "method": m, "method_params": params} for a in archs for m in methods]
     return {
+        "students": students,
         "teacher_id": teacher_id,
-        "student": args.student,
-        "method": args.method,
+        "student": archs[0] if archs else args.student,
+        "method": methods[0] if methods else args.method,
         "dataset": args.dataset,
         "epochs": args.epochs,
         "eps": args.eps,
@@ -341,8 +348,8 @@ def _add_teacher_options(p: argparse.ArgumentParser) -> None:
 def _add_job_options(p: argparse.ArgumentParser, *, teacher: bool) -> None:
     if teacher:
         p.add_argument("--teacher", help="teacher id (from 'teacher upload')")
-    p.add_argument("--student", default="resnet18")
-    p.add_argument("--method", default="rslad")
+    p.add_argument("--student", default="resnet18", help="architecture; several (a,b) train in one pass")
+    p.add_argument("--method", default="rslad", help="method; several (a,b): every student with every method")
     p.add_argument("--epochs", type=int)
     p.add_argument("--eps", type=float, help="L-inf radius for images in [0, 1] (8/255 = 0.0314)")
     p.add_argument("--batch-size", type=int, default=128)

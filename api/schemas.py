@@ -68,6 +68,22 @@ class DatasetList(BaseModel):
     uploaded: list[DatasetOut]
 
 
+class StudentSpec(BaseModel):
+    """One student of a several-student job."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    student: str = Field(min_length=1, max_length=64, description="Student architecture")
+    method: str = Field(min_length=1, max_length=64)
+    method_params: dict[str, Any] = Field(default_factory=dict)
+    name: str | None = Field(
+        default=None,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="Prefix of this student's artifacts (default ARCH-METHOD)",
+    )
+
+
 class JobCreate(BaseModel):
     """A distillation job. Omitted hyper-parameters take the method's reference values."""
 
@@ -87,6 +103,14 @@ class JobCreate(BaseModel):
     attacks: list[str] | None = Field(default=None, min_length=1, max_length=16)
     n_eval: int | None = Field(default=None, ge=1)
     device: str = Field(default="auto", max_length=16)
+    students: list[StudentSpec] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=8,
+        description="Several students trained in one pass over the data, sharing each teacher forward; "
+        "replaces student / method / method_params. Artifacts: NAME.student_best.pt, NAME.student_last.pt, "
+        "NAME.report.json and report.json",
+    )
 
 
 class Progress(BaseModel):

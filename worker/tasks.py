@@ -95,7 +95,12 @@ class JobRun:
         self.lost = threading.Event()  # set by the monitor: another attempt owns the job
         self.stop_monitor = threading.Event()
         self._last_progress = 0.0
-        self._best_pending = False
+        # Per student ("" for a single-student job): a new best file waiting for the next checkpoint upload.
+        self._best_pending: dict[str, bool] = {}
+        # Several-student jobs: the students' names (their files live in out/NAME/), and each epoch's
+        # metrics gathered from the students so far ({epoch: {name: metrics}}).
+        self.students: list[str] = []
+        self._epoch_metrics: dict[int, dict[str, Any]] = {}
 
     # ----- the attempt ---------------------------------------------------------------------------------
 
@@ -230,6 +235,8 @@ class JobRun:
         else:
             params["data_root"] = str(self.settings.data_root)
 
+        cfg = DistillConfig.from_dict(params)
+        self.students = list(cfg.student_configs()) if cfg.students else []
         resumed_from = self._fetch_checkpoint()
         if self.attempt > 1:
             with session_scope(self.sessions) as session:
@@ -244,18 +251,27 @@ class JobRun:
                     },
                     dedupe_key=f"resume:{self.attempt}",
                 )
-        return DistillConfig.from_dict(params)
+        return cfg
 
     def _fetch_checkpoint(self) -> int | None:
-        """Download the job's checkpoint (and best weights) if an earlier attempt left one."""
-        try:
-            self.store.get_file(self._key("checkpoint.pt"), self.out / "checkpoint.pt")
-        except ObjectNotFound:
+        """Download the job's checkpoint(s) (and best weights) if an earlier attempt left them."""
+        found = False
+        for student in self.students or [""]:
+            local = self.out / student if student else self.out
+            local.mkdir(parents=True, exist_ok=True)
+            try:
+                key = self._key(self._stored("checkpoint.pt", student))
+                self.store.get_file(key, local / "checkpoint.pt")
+            except ObjectNotFound:  # this student had not finished an epoch yet
+                continue
+            found = True
+            best = self._key(self._stored("student_best.pt", student))
+            try:
+                self.store.get_file(best, local / "student_best.pt")
+            except ObjectNotFound:
+                pass
+        if not found:
             return None
-        try:
-            self.store.get_file(self._key("student_best.pt"), self.out / "student_best.pt")
-        except ObjectNotFound:
-            pass
         with session_scope(self.sessions) as session:
             payloads = session.scalars(
                 sa.select(JobEvent.payload).where(
@@ -265,6 +281,11 @@ class JobRun:
         epoch = max((int(p.get("epoch", 0)) for p in payloads), default=0)
         log.info("job %s: resuming from the stored checkpoint (epoch %d)", self.job_id, epoch)
         return epoch
+
+    @staticmethod
+    def _stored(name: str, student: str) -> str:
+        """A file's name in the store and among the artifacts: NAME.FILE for a student of several."""
+        return f"{student}.{name}" if student else name
 
     def _key(self, name: str) -> str:
         return job_key(self.tenant_id, self.job_id, name)
@@ -316,18 +337,26 @@ class JobRun:
                 set_progress(session, self.job_id, finite({k: v for k, v in event.items() if k != "type"}))
         elif kind == "epoch":
             epoch, metrics = int(event["epoch"]), finite(dict(event.get("metrics") or {}))
-            self._best_pending = bool(metrics.get("best"))
+            student = str(event.get("student") or "")
+            self._best_pending[student] = bool(metrics.get("best"))
+            payload = {"epoch": epoch, "epochs": event.get("epochs"), "metrics": metrics}
+            if student:  # one row per epoch: {"students": {name: metrics}}, filled as the students report
+                payload["student"] = student
+                self._epoch_metrics.setdefault(epoch, {})[student] = metrics
+                row = {"students": dict(self._epoch_metrics[epoch])}
+            else:
+                row = metrics
             with self._write() as session:
-                upsert_metrics(session, self.job_id, epoch, metrics)
+                upsert_metrics(session, self.job_id, epoch, row)
                 add_event(
                     session,
                     self.job_id,
                     "metrics",
-                    {"epoch": epoch, "epochs": event.get("epochs"), "metrics": metrics},
-                    dedupe_key=f"epoch:{epoch}",
+                    payload,
+                    dedupe_key=f"epoch:{epoch}:{student}" if student else f"epoch:{epoch}",
                 )
         elif kind == "checkpoint":
-            self._upload_checkpoint(int(event["epoch"]), Path(event["path"]))
+            self._upload_checkpoint(int(event["epoch"]), Path(event["path"]), str(event.get("student") or ""))
         elif kind == "status" and event.get("status") == "evaluating":
             with self._write() as session:
                 job = session.get(Job, self.job_id)
@@ -345,21 +374,30 @@ class JobRun:
         else:
             log.debug("job %s: event %s not stored", self.job_id, kind)
 
-    def _upload_checkpoint(self, epoch: int, path: Path) -> None:
+    def _upload_checkpoint(self, epoch: int, path: Path, student: str = "") -> None:
         """Best weights first, then the checkpoint: a stored checkpoint always has its best file."""
         if self.lost.is_set():
             raise LostLease()
-        if self._best_pending and (self.out / "student_best.pt").exists():
-            self.store.put_file(self._key("student_best.pt"), self.out / "student_best.pt")
-        self.store.put_file(self._key("checkpoint.pt"), path)
-        self._best_pending = False
+        best = path.parent / "student_best.pt"
+        if self._best_pending.get(student) and best.exists():
+            self.store.put_file(self._key(self._stored("student_best.pt", student)), best)
+        self.store.put_file(self._key(self._stored("checkpoint.pt", student)), path)
+        self._best_pending[student] = False
+        payload, dedupe = {"epoch": epoch}, f"checkpoint:{epoch}"
+        if student:  # each student of several checkpoints (and resumes) on its own
+            payload, dedupe = {**payload, "student": student}, f"{dedupe}:{student}"
         with self._write() as session:
-            add_event(session, self.job_id, "checkpoint", {"epoch": epoch}, dedupe_key=f"checkpoint:{epoch}")
+            add_event(session, self.job_id, "checkpoint", payload, dedupe_key=dedupe)
 
     # ----- the end ------------------------------------------------------------------------------------
 
     def _finish_success(self, report: dict[str, Any]) -> None:
-        files = [(name, self.out / name) for name in RESULT_FILES]
+        if self.students:
+            files = [("report.json", self.out / "report.json")]
+            files += [(self._stored(name, student), self.out / student / name)
+                      for student in self.students for name in RESULT_FILES]
+        else:
+            files = [(name, self.out / name) for name in RESULT_FILES]
         for name, path in files:
             self.store.put_file(self._key(name), path)
         with self._write() as session:

@@ -117,8 +117,12 @@ def resolve_params(
     from core.pipeline import DistillConfig
 
     _check_json(body.method_params, "method_params")
-    if body.method not in METHODS:
-        raise ConfigError(f"unknown method {body.method!r}; known: {', '.join(METHODS)}")
+    specs = [s.model_dump(exclude_none=True) for s in body.students] if body.students else None
+    for i, spec in enumerate(specs or []):
+        _check_json(spec.get("method_params", {}), f"students[{i}].method_params")
+    for method_name in [s["method"] for s in specs] if specs else [body.method]:
+        if method_name not in METHODS:
+            raise ConfigError(f"unknown method {method_name!r}; known: {', '.join(METHODS)}")
     if teacher is not None and teacher.num_classes != data.num_classes:
         raise ConfigError(
             f"teacher {teacher.id} has {teacher.num_classes} classes but dataset {data.name!r} has "
@@ -152,16 +156,21 @@ def resolve_params(
         seed=body.seed,
         device=body.device,
         n_eval=body.n_eval,
+        students=specs,
     )
     if body.attacks is not None:
         cfg.attacks = list(body.attacks)
-    method = cfg.build_method(data.num_classes)
-    if method.needs_teacher and teacher is None:
-        raise ConfigError(
-            f"method {body.method!r} distils from a teacher: give teacher_id (upload with POST /v1/teachers)"
-        )
+    epochs = 0
+    for sub in cfg.student_configs().values():
+        method = sub.build_method(data.num_classes)
+        if method.needs_teacher and teacher is None:
+            raise ConfigError(
+                f"method {sub.method!r} distils from a teacher: give teacher_id "
+                "(upload with POST /v1/teachers)"
+            )
+        epochs = max(epochs, int(method.epochs))
     cfg.validate()
-    return {**cfg.to_dict(), "teacher_path": None, "data_root": None}, int(method.epochs)
+    return {**cfg.to_dict(), "teacher_path": None, "data_root": None}, epochs
 
 
 def _find_idempotent(session: Session, tenant: Tenant, key: str) -> Job | None:
@@ -201,8 +210,8 @@ def create_job(
         teacher_id=teacher.id if teacher else None,
         dataset_name=data.name,
         dataset_id=data.dataset_id,
-        student_arch=body.student,
-        method=body.method,
+        student_arch=body.students[0].student if body.students else body.student,
+        method=body.students[0].method if body.students else body.method,
         params=params,
         status="queued",
         idempotency_key=idempotency_key,

@@ -154,6 +154,36 @@ def test_job_runs_to_a_report_that_matches_the_weights(
     assert statuses == ["queued", "running", "evaluating", "succeeded"]
 
 
+def test_several_students_in_one_job(stack: Stack, teacher_id: str, shared_dir: Path, tmp_path: Path) -> None:
+    """Two students, one data pass: each gets its weights and report, and both reports are honest."""
+    client = stack.client
+    students = [
+        {"student": "tiny_cnn", "method": "rslad", "method_params": {"steps": 2}},
+        {"student": "tiny_cnn", "method": "ard", "method_params": {"steps": 2}},
+    ]
+    body = {**JOB, "attacks": ["clean", "pgd_sat"], "students": students}
+    job = client.create_job(teacher_id=teacher_id, epochs=2, **body)
+    job = client.wait(job["id"], timeout=300, poll_s=0.5, progress=False)
+    assert job["status"] == "succeeded", (job["error"], stack.worker_log())
+
+    names = {a["name"] for a in client.artifacts(job["id"])}
+    prefixes = ("tiny_cnn-rslad", "tiny_cnn-ard")
+    files = ("student_best.pt", "student_last.pt", "report.json")
+    assert names == {"report.json"} | {f"{p}.{f}" for p in prefixes for f in files}
+    report = client.report(job["id"])
+    assert list(report["students"]) == list(prefixes)
+    for prefix in prefixes:
+        weights = client.download_artifact(job["id"], f"{prefix}.student_best.pt", tmp_path)
+        single = report["students"][prefix]
+        rows = {row["attack"]: row for row in single["final"]["best"]["rows"]}
+        assert rows["pgd_sat"]["accuracy"] <= rows["clean"]["accuracy"]
+        expected = rows["clean"]["accuracy"]
+        assert clean_accuracy(weights, shared_dir, N_EVAL) == pytest.approx(expected, abs=1e-12)
+    metrics = client.metrics(job["id"])
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    assert all(set(m["metrics"]["students"]) == set(prefixes) for m in metrics)
+
+
 def test_cancel_stops_a_running_job_within_seconds(stack: Stack, teacher_id: str) -> None:
     client = stack.client
     job = client.create_job(teacher_id=teacher_id, epochs=30, **JOB)

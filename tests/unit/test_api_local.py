@@ -545,6 +545,27 @@ def test_create_job_resolves_and_enqueues(
     DistillConfig.from_dict({**p, "teacher_path": "t.pt", "data_root": "/data"}).validate()
 
 
+def test_several_students_in_one_job(
+    client: TestClient, alice: dict[str, str], teacher: dict[str, Any]
+) -> None:
+    students = [
+        {"student": "tiny_cnn", "method": "rslad", "method_params": {"steps": 1}},
+        {"student": "tiny_cnn", "method": "sat", "name": "sat-baseline"},
+    ]
+    body = {**_job_body(teacher["id"]), "students": students}
+    del body["epochs"]
+    r = client.post("/v1/jobs", headers=alice, json=body)
+    assert r.status_code == 201, r.text
+    job = r.json()
+    assert (job["student"], job["method"]) == ("tiny_cnn", "rslad")
+    assert job["progress"]["epochs"] == 300  # the longest of the students' schedules (RSLAD 300, SAT 100)
+    from core.pipeline import DistillConfig
+
+    cfg = DistillConfig.from_dict({**job["params"], "teacher_path": "t.pt", "data_root": "/data"})
+    cfg.validate()
+    assert list(cfg.student_configs()) == ["tiny_cnn-rslad", "sat-baseline"]
+
+
 def test_teacher_free_method_needs_no_teacher(client: TestClient, alice: dict[str, str]) -> None:
     r = client.post("/v1/jobs", headers=alice, json=_job_body(None, method="sat"))
     assert r.status_code == 201, r.text
@@ -583,6 +604,13 @@ def test_method_default_epochs_are_reported(client: TestClient, alice: dict[str,
         ({"dataset": "imagenet"}, "unknown dataset"),
         ({"dataset": "cifar10"}, "not available"),
         ({"device": "tpu"}, "device"),
+        ({"students": []}, "students"),
+        ({"students": [{"student": "tiny_cnn"}]}, "method"),
+        ({"students": [{"student": "tiny_cnn", "method": "rslad", "name": "../x"}]}, "name"),
+        ({"students": [{"student": "tiny_cnn", "method": "nope"}]}, "unknown method 'nope'"),
+        ({"students": [{"student": "nope", "method": "sat"}]}, "unknown student 'nope'"),
+        ({"students": [{"student": "tiny_cnn", "method": "sat"}] * 2}, "named"),
+        ({"teacher_id": None, "students": [{"student": "tiny_cnn", "method": "ard"}]}, "distils from"),
     ],
 )
 def test_bad_job_requests_are_422(
