@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from core.errors import Cancelled, ConfigError
-from core.train import Determinism, EventFn, StopFn, Trainer
+from core.train import Determinism, EventFn, ProgressMeter, StopFn, Trainer
 
 # What the students must share to share a data pass and a teacher forward.
 _SHARED = ("batch_size", "seed", "deterministic", "device", "amp", "channels_last")
@@ -51,7 +51,6 @@ class MultiTrainer:
                 raise ConfigError(f"student {name!r} has another teacher object: pass the same one to all")
         self.teacher = next((t.teacher for t in self.trainers.values() if t.teacher is not None), None)
         self.epochs = max(t.epochs for t in self.trainers.values())
-        self._last_progress = 0.0
 
     def fit(self) -> dict[str, dict[str, Any]]:
         """Train every student to its epochs; name -> that trainer's ``result()``."""
@@ -60,7 +59,7 @@ class MultiTrainer:
             for t in self.trainers.values():
                 t.start()
             start = min(t.start_epoch for t in self.trainers.values())
-            self._t_start, self._frac_start = time.monotonic(), start / self.epochs
+            self._progress = ProgressMeter(self.epochs, start, self.on_event, students=list(self.trainers))
             for epoch in range(start, self.epochs):
                 self._run_epoch(epoch)
         return {name: t.result() for name, t in self.trainers.items()}
@@ -86,18 +85,6 @@ class MultiTrainer:
         train_seconds = time.monotonic() - t0
         for t, lr in zip(active, lrs, strict=True):
             t.finish_epoch(epoch, lr, t.end_epoch(), train_seconds, t0)
-
-    def _progress(self, epoch: int, step: int, steps: int) -> None:
-        """As Trainer's: on an epoch's first and last step, else at most once a second."""
-        now = time.monotonic()
-        if 1 < step < steps and now - self._last_progress < 1.0:
-            return
-        self._last_progress = now
-        fraction = (epoch + step / steps) / self.epochs
-        done = fraction - self._frac_start
-        eta = (now - self._t_start) / done * (1.0 - fraction) if done > 0 else None
-        self.on_event({"type": "progress", "epoch": epoch + 1, "epochs": self.epochs, "step": step,
-                       "steps": steps, "fraction": fraction, "eta_s": eta, "students": list(self.trainers)})
 
 
 def _setting(trainer: Trainer, key: str) -> Any:

@@ -126,6 +126,26 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class ProgressMeter:
+    """Progress events for a run of ``epochs`` starting at ``start_epoch``: always on an epoch's first and
+    last step, else at most once a second; the ETA extrapolates the rate of this process's steps."""
+
+    def __init__(self, epochs: int, start_epoch: int, emit: EventFn, **extra: Any) -> None:
+        self.epochs, self.emit, self.extra = epochs, emit, extra
+        self.t_start, self.frac_start, self.last = time.monotonic(), start_epoch / epochs, 0.0
+
+    def __call__(self, epoch: int, step: int, steps: int) -> None:
+        now = time.monotonic()
+        if 1 < step < steps and now - self.last < 1.0:
+            return
+        self.last = now
+        fraction = (epoch + step / steps) / self.epochs
+        done = fraction - self.frac_start
+        eta = (now - self.t_start) / done * (1.0 - fraction) if done > 0 else None
+        self.emit({"type": "progress", "epoch": epoch + 1, "epochs": self.epochs, "step": step,
+                   "steps": steps, "fraction": fraction, "eta_s": eta, **self.extra})
+
+
 class Determinism:
     """Sets torch's global determinism flags for one run and puts the previous ones back after it."""
 
@@ -188,7 +208,6 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, list(self.milestones), 0.1)
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] = {"epoch": None, "metric": self.select_on, "value": -math.inf}
-        self._last_progress = 0.0
 
     # ----- the public loop -----------------------------------------------------------------------------
 
@@ -218,7 +237,7 @@ class Trainer:
             torch.manual_seed(self.config.seed)
             random.seed(self.config.seed)
             np.random.seed(self.config.seed % 2**32)
-        self._t_start, self._frac_start = time.monotonic(), self.start_epoch / self.epochs
+        self._progress = ProgressMeter(self.epochs, self.start_epoch, self.on_event)
 
     def result(self) -> dict[str, Any]:
         return {"history": self.history, "best": dict(self.best), "config": self.resolved(),
@@ -358,18 +377,6 @@ class Trainer:
             where = f"epoch {epoch + 1} step {step}" if epoch is not None else "validation"
             done = len(self.history) and self.history[-1]["epoch"]
             raise Cancelled(f"cancelled during {where}; the checkpoint of epoch {done} remains")
-
-    def _progress(self, epoch: int, step: int, steps: int) -> None:
-        """A progress event: always on an epoch's first and last step, else at most once a second."""
-        now = time.monotonic()
-        if 1 < step < steps and now - self._last_progress < 1.0:
-            return
-        self._last_progress = now
-        fraction = (epoch + step / steps) / self.epochs
-        done = fraction - self._frac_start
-        eta = (now - self._t_start) / done * (1.0 - fraction) if done > 0 else None
-        self.on_event({"type": "progress", "epoch": epoch + 1, "epochs": self.epochs, "step": step,
-                       "steps": steps, "fraction": fraction, "eta_s": eta})
 
     # ----- checkpoints -------------------------------------------------------------------------------
 
