@@ -13,7 +13,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, NoReturn
 
-from core.errors import Cancelled, UserError
+from core.errors import Cancelled, ConfigError, UserError
 
 EXIT_USER, EXIT_CANCELLED = 2, 130
 
@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--method", default="rslad", metavar="NAME[,NAME...]",
                    help="training method (python -m core methods); several: every student with every method")
     d.add_argument("--method-param", action="append", default=[], type=parse_param, metavar="KEY=VALUE",
-                   help="override a method hyper-parameter, e.g. steps=5 or milestones=[10,15]; repeatable")
+                   help="override a method hyper-parameter, e.g. steps=5 or milestones=[10,15]; "
+                        "METHOD.KEY=VALUE for one method only (rslad.kl_reduction=batchmean); repeatable")
     d.add_argument("--dataset", default="cifar10", help=DATASET_HELP)
     d.add_argument("--data-root", required=True, metavar="PATH", help="folder (or .npz file) with the data")
     d.add_argument("--epochs", type=positive_int, help="default: the method's (RSLAD 300); milestones scale")
@@ -182,13 +183,15 @@ def cmd_distill(args: argparse.Namespace) -> int:
     cfg = DistillConfig(
         teacher_path=args.teacher, teacher_arch=args.teacher_arch, teacher_format=args.teacher_format,
         teacher_normalize=args.teacher_normalize, student=archs[0], method=methods[0],
-        method_params=dict(args.method_param), dataset=args.dataset, data_root=args.data_root,
+        dataset=args.dataset, data_root=args.data_root,
         epochs=args.epochs, batch_size=args.batch_size, eps=args.eps, train_subset=args.train_subset,
         val_size=args.val_size, seed=args.seed, deterministic=args.deterministic, device=args.device,
         amp=args.amp, channels_last=args.channels_last, attacks=args.attacks, n_eval=args.n_eval,
         eval_batch_size=args.eval_batch_size, evaluate_teacher=args.evaluate_teacher)
     if students:
-        cfg.students = [{**s, "method_params": dict(cfg.method_params)} for s in students]
+        cfg.students = [{**s, "method_params": _params_for(s["method"], args.method_param)} for s in students]
+    else:
+        cfg.method_params = _params_for(methods[0], args.method_param)
     cfg.validate()
     out = Path(args.out)
     if any(out.glob("**/checkpoint.pt")):
@@ -217,6 +220,21 @@ def cmd_distill(args: argparse.Namespace) -> int:
     else:
         print(f"report: {out / 'report.json'}  weights: {out / 'student_best.pt'}, {out / 'student_last.pt'}")
     return 0
+
+
+def _params_for(method: str, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``KEY=VALUE`` applies to every method, ``METHOD.KEY=VALUE`` only to that one (later ones win)."""
+    from core.methods import METHODS
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        owner, dot, name = key.rpartition(".")
+        if not dot:
+            out[key] = value
+        elif owner not in METHODS:
+            raise ConfigError(f"--method-param {key}: {owner!r} is not a method; known: {', '.join(METHODS)}")
+        elif owner == method:
+            out[name] = value
+    return out
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

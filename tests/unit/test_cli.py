@@ -216,7 +216,8 @@ def test_tiny_distill_writes_report_and_resumes(
 
 def test_several_methods_train_in_one_pass(npz: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "multi"
-    args = ["distill", "--method", "sat,trades", "--method-param", "steps=1", "--student", "tiny_cnn",
+    args = ["distill", "--method", "sat,trades", "--method-param", "steps=1",
+            "--method-param", "trades.beta=3", "--method-param", "rslad.steps=7", "--student", "tiny_cnn",
             "--dataset", "npz", "--data-root", str(npz), "--epochs", "1", "--batch-size", "16",
             "--val-size", "8", "--attacks", "clean", "--n-eval", "8", "--device", "cpu", "--out", str(out)]
     assert main(args) == 0
@@ -226,3 +227,9 @@ def test_several_methods_train_in_one_pass(npz: Path, tmp_path: Path, capsys: py
     assert list(report["students"]) == ["tiny_cnn-sat", "tiny_cnn-trades"]
     for name in report["students"]:
         assert (out / name / "student_best.pt").is_file() and (out / name / "report.json").is_file()
+    params = {n: r["train_config"]["method_params"] for n, r in report["students"].items()}
+    assert params["tiny_cnn-trades"]["beta"] == 3 and params["tiny_cnn-sat"]["steps"] == 1
+    assert "beta" not in params["tiny_cnn-sat"]
+
+    assert main([*args[:-1], str(tmp_path / "o2"), "--method-param", "rsald.steps=1"]) == 2
+    assert "'rsald' is not a method" in one_error_line(capsys.readouterr().err)
