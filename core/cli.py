@@ -27,10 +27,16 @@ class _Parser(argparse.ArgumentParser):
         raise _UsageError(f"{message} (see {self.prog} --help)")
 
 
+def _number(text: str) -> float:
+    """'8/255', '0.5/255' or '0.0314' -> float; ValueError otherwise."""
+    top, slash, bottom = text.strip().partition("/")
+    return float(Fraction(top) / Fraction(bottom)) if slash else float(Fraction(top))
+
+
 def parse_fraction(text: str) -> float:
     """'8/255' or '0.0314' -> float."""
     try:
-        return float(Fraction(text.strip()))
+        return _number(text)
     except (ValueError, ZeroDivisionError):
         raise argparse.ArgumentTypeError(f"not a number or fraction like 8/255: {text!r}") from None
 
@@ -44,7 +50,7 @@ def parse_param(text: str) -> tuple[str, Any]:
         value: Any = json.loads(raw)
     except json.JSONDecodeError:
         try:
-            value = float(Fraction(raw.strip()))
+            value = _number(raw)
         except (ValueError, ZeroDivisionError):
             value = raw
     return key.strip(), value

@@ -233,3 +233,13 @@ def test_several_methods_train_in_one_pass(npz: Path, tmp_path: Path, capsys: py
 
     assert main([*args[:-1], str(tmp_path / "o2"), "--method-param", "rsald.steps=1"]) == 2
     assert "'rsald' is not a method" in one_error_line(capsys.readouterr().err)
+
+
+def test_numbers_and_params_parse_fractions() -> None:
+    from core.cli import parse_fraction, parse_param
+
+    assert parse_fraction("8/255") == pytest.approx(8 / 255)
+    assert parse_fraction("0.5/255") == pytest.approx(0.5 / 255)
+    assert parse_param("step_size=0.5/255") == ("step_size", pytest.approx(0.5 / 255))
+    assert parse_param("milestones=[10,15]") == ("milestones", [10, 15])
+    assert parse_param("soft_labels=adversarial") == ("soft_labels", "adversarial")
