@@ -55,7 +55,8 @@ class ProgressPrinter:
         if kind == "progress" and "step" in event:
             self._progress(event)
         elif kind == "epoch":
-            self._line(format_epoch(event["metrics"], event.get("epochs")))
+            who = f"{event['student']}: " if event.get("student") else ""  # one student of several
+            self._line(who + format_epoch(event["metrics"], event.get("epochs")))
         elif kind == "status":
             self.close()
             self._line(f"{event['status']}...")

@@ -223,6 +223,7 @@ def test_several_methods_train_in_one_pass(npz: Path, tmp_path: Path, capsys: py
     assert main(args) == 0
     captured = capsys.readouterr()
     assert "tiny_cnn-sat best" in captured.out and "tiny_cnn-trades last" in captured.out
+    assert "tiny_cnn-trades: epoch 1/1" in captured.err
     report = json.loads((out / "report.json").read_text())
     assert list(report["students"]) == ["tiny_cnn-sat", "tiny_cnn-trades"]
     for name in report["students"]:
