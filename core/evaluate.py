@@ -22,8 +22,13 @@ from core.errors import Cancelled, ConfigError, DataError
 # attack -> attacks it is at least as strong as, on the same examples. Not listed on purpose: PGD versus
 # FGSM (a PGD run from a random start is not guaranteed to beat the single FGSM step on every model).
 # Every attack is also at least as strong as "clean".
+# attack -> the attacks it must never do worse than. AutoAttack's cascade contains APGD on CE and Square, and
+# an iterative PGD on the same loss and budget should beat one FGSM step: "iterative attacks do worse than
+# single-step ones" is a classic sign of gradient masking (Athalye et al., 2018).
 STRONGER_THAN: dict[str, tuple[str, ...]] = {
     "aa": ("pgd_sat", "pgd_trades", "cw_inf", "fgsm", "square"),
+    "pgd_sat": ("fgsm",),
+    "pgd_trades": ("fgsm",),
 }
 
 

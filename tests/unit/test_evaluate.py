@@ -120,8 +120,9 @@ def test_check_ordering_flags_inversions_and_passes_a_sane_report():
     sane = [row("clean", 0.83, eps=0.0), row("fgsm", 0.58), row("pgd_sat", 0.54), row("pgd_trades", 0.56),
             row("cw_inf", 0.53), row("aa", 0.51), row("square", 0.60), row("transfer", 0.80)]
     assert check_ordering(sane) == []
-    # PGD above FGSM is not guaranteed, so it is not flagged
-    assert check_ordering([row("fgsm", 0.40), row("pgd_sat", 0.45)]) == []
+    # an iterative attack doing worse than one FGSM step is the textbook sign of gradient masking
+    (pgd_vs_fgsm,) = check_ordering([row("fgsm", 0.40), row("pgd_sat", 0.45)])
+    assert pgd_vs_fgsm.startswith("pgd_sat") and "fgsm accuracy 40.00%" in pgd_vs_fgsm
 
     masked = [row("clean", 0.83, eps=0.0), row("pgd_sat", 0.54), row("aa", 0.60), row("fgsm", 0.90)]
     warnings = check_ordering(masked)
