@@ -97,6 +97,13 @@ class Teacher(Base):
     object_key: Mapped[str] = mapped_column(sa.String(512))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
+    @property
+    def normalize_spec(self) -> str | None:
+        """``normalize`` ({"mean": [...], "std": [...]}) in the "m1,m2,m3;s1,s2,s3" form core parses."""
+        if not self.normalize or not self.normalize.get("mean") or not self.normalize.get("std"):
+            return None
+        return ";".join(",".join(repr(float(v)) for v in self.normalize[k]) for k in ("mean", "std"))
+
 
 class Dataset(Base):
     __tablename__ = "datasets"

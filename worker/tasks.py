@@ -67,13 +67,6 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def normalize_spec(normalize: dict[str, Any] | None) -> str | None:
-    """A teacher row's {"mean": [...], "std": [...]} in the "m1,m2,m3;s1,s2,s3" form core parses."""
-    if not normalize or not normalize.get("mean") or not normalize.get("std"):
-        return None
-    return ";".join(",".join(repr(float(v)) for v in normalize[k]) for k in ("mean", "std"))
-
-
 class LostLease(Exception):
     """Another attempt owns the job now (this worker was presumed dead): stop without writing."""
 
@@ -207,7 +200,7 @@ class JobRun:
             teacher_row = (
                 None
                 if teacher is None
-                else (teacher.object_key, teacher.arch, teacher.format, teacher.normalize)
+                else (teacher.object_key, teacher.arch, teacher.format, teacher.normalize_spec)
             )
             dataset_key = None if dataset is None else dataset.object_key
             if job.teacher_id and teacher is None:
@@ -227,7 +220,7 @@ class JobRun:
             if params.get("teacher_format", "auto") == "auto" and fmt:
                 params["teacher_format"] = fmt
             if not params.get("teacher_normalize"):
-                params["teacher_normalize"] = normalize_spec(normalize)
+                params["teacher_normalize"] = normalize
         if dataset_key is not None:
             local = self.work / "dataset.npz"
             self.store.get_file(dataset_key, local)

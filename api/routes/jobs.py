@@ -82,13 +82,6 @@ def tenant_job(session: Session, tenant: Tenant, job_id: str) -> Job:
 # ---------------------------------------------------------------- creating a job
 
 
-def _normalize_spec(teacher: Teacher) -> str | None:
-    if not teacher.normalize:
-        return None
-    mean, std = teacher.normalize["mean"], teacher.normalize["std"]
-    return f"{','.join(map(repr, mean))};{','.join(map(repr, std))}"
-
-
 def _check_json(value: Any, where: str) -> None:
     """Refuse what JSON columns cannot hold: NaN/inf (Python's json reads them) and NUL characters."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -142,7 +135,7 @@ def resolve_params(
         teacher_path="teacher" if teacher is not None else None,
         teacher_arch=teacher.arch if teacher is not None else None,
         teacher_format=teacher.format if teacher is not None else "auto",
-        teacher_normalize=_normalize_spec(teacher) if teacher is not None else None,
+        teacher_normalize=teacher.normalize_spec if teacher is not None else None,
         student=body.student,
         method=body.method,
         method_params=dict(body.method_params),

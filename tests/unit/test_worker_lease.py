@@ -9,10 +9,10 @@ import pytest
 import sqlalchemy as sa
 
 from service.db import make_engine, make_session_factory, session_scope, upgrade_to_head
-from service.models import Job, JobEvent, JobMetric, Tenant, utcnow
+from service.models import Job, JobEvent, JobMetric, Teacher, Tenant, utcnow
 from service.settings import Settings
 from worker.lease import WorkerSettings, reap_once, touch
-from worker.tasks import JobRun, finite, normalize_spec
+from worker.tasks import JobRun, finite
 
 
 @pytest.fixture
@@ -124,5 +124,5 @@ def test_replayed_epoch_writes_nothing_twice(settings: Settings, sessions) -> No
 
 def test_helpers() -> None:
     assert finite({"a": float("inf"), "b": [1.0, float("nan")]}) == {"a": None, "b": [1.0, None]}
-    assert normalize_spec({"mean": [0.5, 0.25], "std": [1, 2]}) == "0.5,0.25;1.0,2.0"
-    assert normalize_spec(None) is None
+    assert Teacher(normalize={"mean": [0.5, 0.25], "std": [1, 2]}).normalize_spec == "0.5,0.25;1.0,2.0"
+    assert Teacher(normalize=None).normalize_spec is None
