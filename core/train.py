@@ -208,6 +208,8 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, list(self.milestones), 0.1)
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] = {"epoch": None, "metric": self.select_on, "value": -math.inf}
+        self.start_epoch = 0
+        self._progress = ProgressMeter(self.epochs, 0, self.on_event)  # start() resets it on resume
 
     # ----- the public loop -----------------------------------------------------------------------------
 
