@@ -21,7 +21,8 @@ from core.errors import Cancelled, ConfigError
 from core.train import Determinism, EventFn, ProgressMeter, StopFn, Trainer
 
 # What the students must share to share a data pass and a teacher forward.
-_SHARED = ("batch_size", "seed", "deterministic", "device", "amp", "channels_last")
+# Students may differ in amp and memory format (each gets x in its own); the teacher's settings are one.
+_SHARED = ("batch_size", "seed", "deterministic", "device", "teacher_amp")
 
 
 class MultiTrainer:
@@ -77,9 +78,10 @@ class MultiTrainer:
             if self.should_stop():
                 raise Cancelled(f"cancelled during epoch {epoch + 1} step {step}; the checkpoints of "
                                 f"epoch {epoch} remain")
-            batch = active[0].make_batch(x, y)
-            batch.teacher = self.teacher  # the one teacher forward every student's loss reads
+            shared: dict = {}  # the one teacher forward every student's loss reads
             for t in active:
+                batch = t.make_batch(x, y, shared)
+                batch.teacher = self.teacher
                 t.train_step(batch, epoch, step)
             self._progress(epoch, step, steps)
         train_seconds = time.monotonic() - t0
@@ -88,10 +90,8 @@ class MultiTrainer:
 
 
 def _setting(trainer: Trainer, key: str) -> Any:
-    if key == "amp":
-        return trainer.amp
-    if key == "channels_last":
-        return trainer.channels_last
+    if key == "teacher_amp":
+        return trainer.teacher_amp
     if key == "device":
         return str(trainer.device)
     return getattr(trainer.config, key)

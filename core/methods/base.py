@@ -52,22 +52,26 @@ class Batch:
 
     The teacher's logits on ``x`` are computed on first use and cached, so several students trained on
     the same batch share one teacher forward; do not change ``x`` after creating the batch. ``autocast``
-    wraps every teacher and student forward (the trainer passes a bf16 autocast); losses are computed
-    in fp32. ``generator`` (on x's device) drives the attacks' random starts, so a seeded run repeats.
+    wraps every student forward and, unless ``teacher_autocast`` is given, the teacher's (the trainer
+    passes bf16 autocasts); losses are computed in fp32. ``generator`` (on x's device) drives the
+    attacks' random starts, so a seeded run repeats.
     """
 
     x: torch.Tensor
     y: torch.Tensor
     teacher: nn.Module | None = None
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    teacher_autocast: Callable[[], contextlib.AbstractContextManager] | None = None  # None: ``autocast``
     generator: torch.Generator | None = None
-    _teacher_logits: torch.Tensor | None = field(default=None, init=False, repr=False)
+    teacher_memory_format: torch.memory_format = torch.contiguous_format
+    # Several students on the same images pass one dict to all their Batches: T(x) is computed once.
+    shared: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def teacher_logits(self) -> torch.Tensor:
-        """T(x) in full precision: eval mode, no grad, cached."""
-        if self._teacher_logits is None:
-            self._teacher_logits = self.teacher_logits_on(self.x)
-        return self._teacher_logits
+        """T(x) in full precision: eval mode, no grad, cached (in ``shared``)."""
+        if "teacher_logits" not in self.shared:
+            self.shared["teacher_logits"] = self.teacher_logits_on(self.x)
+        return self.shared["teacher_logits"]
 
     def teacher_logits_on(self, x: torch.Tensor) -> torch.Tensor:
         """T(x_other) in fp32, not cached (IAD's reliability on x_adv, RSLAD's adversarial-RSL ablation)."""
@@ -77,8 +81,8 @@ class Batch:
         was_training = teacher.training
         teacher.eval()
         try:
-            with torch.no_grad(), self.autocast():
-                logits = teacher(x)
+            with torch.no_grad(), (self.teacher_autocast or self.autocast)():
+                logits = teacher(x.contiguous(memory_format=self.teacher_memory_format))
         finally:
             teacher.train(was_training)
         return full_precision(logits)

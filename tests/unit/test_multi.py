@@ -38,9 +38,20 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def config(files: tuple[Path, Path], **kw) -> DistillConfig:
     data, teacher = files
-    base = dict(teacher_path=str(teacher), teacher_arch="tiny_cnn", dataset="npz", data_root=str(data),
-                epochs=2, batch_size=16, val_size=16, seed=3, deterministic=True, device="cpu",
-                attacks=["clean", "pgd_sat"], eval_batch_size=32)
+    base = dict(
+        teacher_path=str(teacher),
+        teacher_arch="tiny_cnn",
+        dataset="npz",
+        data_root=str(data),
+        epochs=2,
+        batch_size=16,
+        val_size=16,
+        seed=3,
+        deterministic=True,
+        device="cpu",
+        attacks=["clean", "pgd_sat"],
+        eval_batch_size=32,
+    )
     return DistillConfig(**{**base, **kw})
 
 
@@ -82,8 +93,12 @@ def test_cancelled_pass_resumes_every_student(files, tmp_path: Path) -> None:
             state["stop"] = True
 
     with pytest.raises(Cancelled):
-        run_distillation(config(files, students=STUDENTS[:2]), tmp_path, on_event=on_event,
-                         should_stop=lambda: state["stop"])
+        run_distillation(
+            config(files, students=STUDENTS[:2]),
+            tmp_path,
+            on_event=on_event,
+            should_stop=lambda: state["stop"],
+        )
     report = run_distillation(config(files, students=STUDENTS[:2]), tmp_path)
     assert all(r["resumed_from_epoch"] == 1 for r in report["students"].values())
     assert all([m["epoch"] for m in r["history"]] == [1, 2] for r in report["students"].values())
@@ -105,3 +120,54 @@ def test_bad_student_lists_are_config_errors(files, students, message: str) -> N
     with pytest.raises(ConfigError, match=None) as info:
         config(files, students=students).validate()
     assert message in str(info.value)
+
+
+def test_students_in_different_precisions_share_one_teacher_forward(files, tmp_path: Path) -> None:
+    """One student in bf16 + channels_last, one in fp32: each still equals its separate run."""
+    from core.data import load_dataset
+    from core.methods import create_method
+    from core.models import create_model
+    from core.multi import MultiTrainer
+    from core.train import TrainConfig, Trainer
+
+    data = load_dataset("npz", files[0], val_size=16, seed=0)
+    torch.manual_seed(7)
+    teacher = create_model("tiny_cnn", 4)
+    calls = []
+    teacher.register_forward_hook(lambda *a: calls.append(1))
+
+    def trainers(root: Path) -> dict[str, Trainer]:
+        out = {}
+        for name, amp in (("bf16", True), ("fp32", False)):
+            torch.manual_seed(1)
+            cfg = TrainConfig(
+                batch_size=16,
+                seed=0,
+                deterministic=True,
+                device="cpu",
+                amp=amp,
+                teacher_amp=True,
+                val_attack_steps=1,
+            )
+            out[name] = Trainer(
+                cfg,
+                create_method("rslad", steps=1, epochs=1),
+                create_model("tiny_cnn", 4),
+                teacher,
+                data,
+                root / name,
+            )
+        return out
+
+    multi = trainers(tmp_path / "multi")
+    assert multi["bf16"].channels_last and not multi["fp32"].channels_last
+    MultiTrainer(multi).fit()
+    shared_calls, steps = len(calls), multi["bf16"].steps_per_epoch()
+    for name, t in trainers(tmp_path / "alone").items():
+        t.fit()
+        a, b = (
+            weights(tmp_path / "multi" / name / "student_last.pt"),
+            weights(tmp_path / "alone" / name / "student_last.pt"),
+        )
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert shared_calls == steps and len(calls) == 3 * steps  # one forward per batch, then one per run
