@@ -5,16 +5,19 @@ Nothing heavy is imported here: torch and the core library load only when an upl
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
+from anyio import to_thread
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 import core
+from api import model_check
 from api.routes import datasets, health, jobs, teachers
 from api.uploads import BodySizeLimit
 from core.errors import UserError
@@ -75,14 +78,22 @@ def create_app(
     """Build the app for ``settings`` (default: the environment). ``enqueue``/``revoke`` replace the
     Celery calls, e.g. with a recorder in tests that run no broker; they also live on ``app.state``."""
     settings = settings or get_settings()
-    engine = make_engine(settings.database_url)
+    engine = make_engine(
+        settings.database_url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow
+    )
     queue = CeleryQueue(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Sync routes and dependencies run in anyio's thread pool: no more threads than connections, so
+        # under load requests queue for a thread instead of timing out on the connection pool.
+        connections = settings.db_pool_size + settings.db_max_overflow
+        to_thread.current_default_thread_limiter().total_tokens = connections
+        app.state.db_gate = asyncio.Semaphore(connections)  # see api.deps.get_session
         if settings.is_sqlite:
             await run_in_threadpool(_prepare_embedded, app)
         yield
+        model_check.shutdown()
         engine.dispose()
 
     app = FastAPI(

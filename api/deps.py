@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, HTTPException, Request, status
@@ -20,9 +21,22 @@ def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_session(request: Request) -> Iterator[Session]:
-    with request.app.state.session_factory() as session:
-        yield session
+async def get_session(request: Request) -> AsyncIterator[Session]:
+    """A session per request, admitted by ``app.state.db_gate``: no more sessions than pooled connections.
+
+    A request keeps its connection between its sync steps (auth, handler, response validation), each of
+    which waits for a thread of its own. Unbounded, 200 concurrent requests deadlock: every thread waits
+    for a connection held by a request that waits for a thread. With at most as many sessions as
+    connections (and as many threads), every admitted request finishes; the rest wait on the event loop.
+    Opening and closing happen on the event loop, so releasing a connection never waits for a thread.
+    """
+    gate = getattr(request.app.state, "db_gate", None)  # set by the lifespan (absent without one)
+    async with gate or contextlib.nullcontext():
+        session = request.app.state.session_factory()
+        try:
+            yield session
+        finally:
+            session.close()
 
 
 def get_store(request: Request) -> ObjectStore:

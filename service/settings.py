@@ -32,6 +32,10 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, gt=0)
     queue: str = "distill"
     presign_seconds: int = Field(default=300, gt=0)
+    # Database connections per API process. The API runs its sync steps in as many threads as this pool
+    # holds connections (pool + overflow), so a thread never waits for a connection.
+    db_pool_size: int = Field(default=20, ge=1)
+    db_max_overflow: int = Field(default=20, ge=0)
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> Settings:

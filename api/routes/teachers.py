@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import gc
 import logging
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import sqlalchemy as sa
 from fastapi import APIRouter, File, Form, HTTPException, Response, UploadFile
@@ -14,6 +12,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep, owned, plain_text
+from api.model_check import CheckedModel, check_model_isolated
 from api.routes.datasets import resolve_dataset
 from api.schemas import NOT_FOUND, Message, ModelFormat, TeacherList, TeacherOut
 from api.uploads import ReceivedFile, forget_object, received_upload
@@ -22,49 +21,6 @@ from service.storage import ObjectStore, safe_filename, teacher_key
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/teachers", tags=["teachers"])
-
-
-@dataclass
-class CheckedModel:
-    """What loading the file taught us; the model itself is dropped at once."""
-
-    format: str
-    arch: str | None
-    num_classes: int
-    num_params: int
-    normalize: dict[str, list[float]] | None
-    probe: dict[str, Any]
-
-
-def _check_model(
-    path: Path, arch: str | None, num_classes: int | None, normalize: str | None, fmt: str
-) -> CheckedModel:
-    """Load and probe the file on the CPU (blocking; run in a worker thread)."""
-    from core.errors import ModelLoadError, UserError
-    from core.teachers import load_model_file
-
-    try:
-        loaded = load_model_file(path, arch=arch, num_classes=num_classes, normalize=normalize, fmt=fmt)
-    except UserError:
-        raise
-    except Exception as exc:  # whatever a hostile or broken file trips over is still the file's problem
-        log.warning("unexpected error loading an uploaded model", exc_info=True)
-        raise ModelLoadError(f"the model file could not be loaded: {type(exc).__name__}: {exc}") from exc
-    norm = None
-    if loaded.normalize is not None:
-        mean, std = loaded.normalize
-        norm = {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}
-    checked = CheckedModel(
-        format=loaded.format,
-        arch=loaded.arch,
-        num_classes=loaded.num_classes,
-        num_params=loaded.num_params,
-        normalize=norm,
-        probe=dict(loaded.probe),
-    )
-    del loaded
-    gc.collect()
-    return checked
 
 
 def _store_teacher(
@@ -158,7 +114,7 @@ async def upload_teacher(
         num_classes = resolved.num_classes
     filename = safe_filename(file.filename, "teacher.bin")
     async with received_upload(file, settings.upload_dir, settings.max_upload_bytes, filename) as received:
-        checked = await run_in_threadpool(_check_model, received.path, arch, num_classes, normalize, format)
+        checked = await check_model_isolated(received.path, arch, num_classes, normalize, format)
         return await run_in_threadpool(
             _store_teacher, session, store, tenant, received, checked, name, filename
         )
