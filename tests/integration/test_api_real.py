@@ -430,3 +430,23 @@ def test_isolation_on_every_endpoint(
     # alice still has all of it
     assert client.get(f"/v1/jobs/{jid}", headers=alice).json()["status"] == "queued"
     assert client.get(f"/v1/jobs/{jid}/report", headers=alice).json() == {}
+
+
+def test_concurrent_polls_never_exhaust_a_small_pool(settings: Settings, queue: Recorder) -> None:
+    """More concurrent requests than pooled connections: every one is answered (they queue for a session)
+    instead of deadlocking the pool into 500s after its 30 s timeout."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    small = create_app(
+        settings.model_copy(update={"db_pool_size": 2, "db_max_overflow": 0}),
+        enqueue=queue.enqueue,
+        revoke=queue.revoke,
+    )
+    headers = _key(small, "carol")
+    with TestClient(small) as c:
+        job = c.post("/v1/jobs", headers=headers, json=_job(None, method="sat"))
+        assert job.status_code == 201, job.text
+        path = f"/v1/jobs/{job.json()['id']}"
+        with ThreadPoolExecutor(32) as pool:
+            codes = list(pool.map(lambda _: c.get(path, headers=headers).status_code, range(96)))
+    assert codes == [200] * 96
