@@ -34,6 +34,7 @@ from typing import Any
 
 import pytest
 
+from bench.stack import stop, tail  # the benches start the same servers
 from service.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -59,24 +60,6 @@ def _port_open(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)
         return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def _tail(path: Path, n: int = 30) -> str:
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return "(no log)"
-    return "\n".join(line[:300] for line in lines[-n:])
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
 
 
 # ---------------------------------------------------------------- PostgreSQL
@@ -182,7 +165,7 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         _wait_for_s3(server, proc, log_path)
         yield server
     finally:
-        _stop(proc)
+        stop(proc)
 
 
 def _wait_for_s3(
@@ -194,7 +177,7 @@ def _wait_for_s3(
     last: Exception | None = None
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            pytest.fail(f"weed mini exited with {proc.returncode}:\n{_tail(log_path)}")
+            pytest.fail(f"weed mini exited with {proc.returncode}:\n{tail(log_path)}")
         try:
             client.list_buckets()
             return
@@ -202,7 +185,7 @@ def _wait_for_s3(
             last = exc
             time.sleep(0.5)
     pytest.fail(f"weed mini's S3 gateway at {server.endpoint_url} did not answer in {timeout}s ({last}):\n"
-                f"{_tail(log_path)}")  # fmt: skip
+                f"{tail(log_path)}")  # fmt: skip
 
 
 @pytest.fixture(scope="session")
@@ -264,19 +247,19 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         deadline = time.monotonic() + 30
         while True:
             if proc.poll() is not None:
-                pytest.fail(f"redis-server exited with {proc.returncode}:\n{_tail(log_path)}")
+                pytest.fail(f"redis-server exited with {proc.returncode}:\n{tail(log_path)}")
             try:
                 redis.Redis.from_url(url, socket_connect_timeout=1).ping()
                 break
             except redis.RedisError as exc:
                 if time.monotonic() > deadline:
                     pytest.fail(
-                        f"redis-server on port {port} did not answer in 30s ({exc}):\n{_tail(log_path)}"
+                        f"redis-server on port {port} did not answer in 30s ({exc}):\n{tail(log_path)}"
                     )
                 time.sleep(0.2)
         yield url
     finally:
-        _stop(proc)
+        stop(proc)
 
 
 # ---------------------------------------------------------------- the service on all three
