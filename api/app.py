@@ -24,6 +24,7 @@ from core.errors import UserError
 from service.auth import ensure_dev_key
 from service.db import make_engine, make_session_factory, upgrade_to_head
 from service.jobs import IllegalTransition
+from service.polling import StatusPoller
 from service.queue import CeleryQueue
 from service.settings import Settings, get_settings
 from service.storage import ObjectNotFound, open_store
@@ -81,6 +82,7 @@ def create_app(
     engine = make_engine(
         settings.database_url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow
     )
+    poller = StatusPoller(settings.database_url, pool_size=settings.db_poll_pool_size)
     queue = CeleryQueue(settings)
 
     @asynccontextmanager
@@ -94,6 +96,7 @@ def create_app(
             await run_in_threadpool(_prepare_embedded, app)
         yield
         model_check.shutdown()
+        await poller.close()
         engine.dispose()
 
     app = FastAPI(
@@ -105,6 +108,7 @@ def create_app(
     app.state.settings = settings
     app.state.engine = engine
     app.state.session_factory = make_session_factory(engine)
+    app.state.poller = poller
     app.state.store = open_store(settings)
     app.state.queue = queue
     app.state.enqueue = enqueue or queue.enqueue

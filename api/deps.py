@@ -12,7 +12,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from service.auth import tenant_for_key
-from service.models import Tenant
+from service.models import ROW_ID, Tenant
 from service.settings import Settings
 from service.storage import ObjectStore
 
@@ -52,27 +52,28 @@ SessionDep = Annotated[Session, Depends(get_session)]
 StoreDep = Annotated[ObjectStore, Depends(get_store)]
 
 _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer rd_...`")
+BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 
-def get_tenant(
-    session: SessionDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> Tenant:
+def unauthorized() -> HTTPException:
+    return HTTPException(
+        status.HTTP_401_UNAUTHORIZED,
+        detail="missing or invalid API key: send 'Authorization: Bearer rd_...'",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
+
+
+def get_tenant(session: SessionDep, credentials: BearerDep) -> Tenant:
     """The tenant owning the bearer key; 401 for a missing, unknown or revoked key."""
     tenant = tenant_for_key(session, credentials.credentials) if credentials else None
     if tenant is None:
-        raise HTTPException(
-            status.HTTP_401_UNAUTHORIZED,
-            detail="missing or invalid API key: send 'Authorization: Bearer rd_...'",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
+        raise unauthorized()
     return tenant
 
 
 TenantDep = Annotated[Tenant, Depends(get_tenant)]
 
 Row = TypeVar("Row")
-ROW_ID = re.compile(r"^[0-9a-f]{32}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import datetime, timezone
 from typing import Any
@@ -29,6 +30,9 @@ def utcnow() -> datetime:
 
 def new_id() -> str:
     return uuid.uuid4().hex
+
+
+ROW_ID = re.compile(r"^[0-9a-f]{32}$")  # what new_id makes: a malformed id never reaches the database
 
 
 class UTCDateTime(TypeDecorator[datetime]):

@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     # holds connections (pool + overflow), so a thread never waits for a connection.
     db_pool_size: int = Field(default=20, ge=1)
     db_max_overflow: int = Field(default=20, ge=0)
+    # Connections of the async engine that answers status polls on the event loop (service.polling).
+    # A poll holds one for a single query, so a few serve hundreds of polls a second.
+    db_poll_pool_size: int = Field(default=5, ge=1)
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> Settings:

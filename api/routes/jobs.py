@@ -20,7 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import ROW_ID, SessionDep, SettingsDep, StoreDep, TenantDep, owned
+from api.deps import ROW_ID, BearerDep, SessionDep, SettingsDep, StoreDep, TenantDep, owned, unauthorized
 from api.routes.datasets import ResolvedDataset, resolve_dataset
 from api.routes.teachers import tenant_teacher
 from api.schemas import (
@@ -41,6 +41,7 @@ from api.schemas import (
 )
 from service import jobs as job_state
 from service.models import Artifact, Job, JobEvent, JobMetric, Teacher, Tenant
+from service.polling import UnknownKey
 from service.settings import Settings
 from service.storage import ObjectNotFound
 
@@ -53,7 +54,8 @@ HEARTBEAT_S = 15.0
 MAX_BIGINT = 2**63 - 1
 
 
-def job_out(job: Job) -> JobOut:
+def job_out(job: Job | sa.Row[Any]) -> JobOut:
+    """A job row (ORM object or a Core row of the ``jobs`` columns) as the API shows it."""
     return JobOut(
         id=job.id,
         status=job.status,  # type: ignore[arg-type]
@@ -282,8 +284,16 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=NOT_FOUND)
-def get_job(job_id: JobId, tenant: TenantDep, session: SessionDep) -> JobOut:
-    return job_out(tenant_job(session, tenant, job_id))
+async def get_job(job_id: JobId, request: Request, credentials: BearerDep) -> Response:
+    """The job's status, progress and latest metrics. Clients poll this, so it is one query on the event
+    loop (``service.polling``) and its answer is serialized once, without FastAPI's re-validation."""
+    try:
+        row = await request.app.state.poller.job(credentials.credentials if credentials else None, job_id)
+    except UnknownKey:
+        raise unauthorized() from None
+    if row is None:
+        raise HTTPException(404, detail=f"job {job_id[:64]!r} not found")
+    return Response(job_out(row).model_dump_json(), media_type="application/json")
 
 
 def _events_after(session: Session, job_id: str, after: int, limit: int) -> list[JobEvent]:

@@ -432,13 +432,14 @@ def test_isolation_on_every_endpoint(
     assert client.get(f"/v1/jobs/{jid}/report", headers=alice).json() == {}
 
 
-def test_concurrent_polls_never_exhaust_a_small_pool(settings: Settings, queue: Recorder) -> None:
-    """More concurrent requests than pooled connections: every one is answered (they queue for a session)
-    instead of deadlocking the pool into 500s after its 30 s timeout."""
+def test_concurrent_requests_never_exhaust_small_pools(settings: Settings, queue: Recorder) -> None:
+    """More concurrent requests than pooled connections, on both engines (status polls on the async one,
+    listings through the ORM): every one is answered (they queue for a connection) instead of
+    deadlocking the thread pool into 500s after the pool's 30 s timeout."""
     from concurrent.futures import ThreadPoolExecutor
 
     small = create_app(
-        settings.model_copy(update={"db_pool_size": 2, "db_max_overflow": 0}),
+        settings.model_copy(update={"db_pool_size": 2, "db_max_overflow": 0, "db_poll_pool_size": 1}),
         enqueue=queue.enqueue,
         revoke=queue.revoke,
     )
@@ -446,7 +447,35 @@ def test_concurrent_polls_never_exhaust_a_small_pool(settings: Settings, queue: 
     with TestClient(small) as c:
         job = c.post("/v1/jobs", headers=headers, json=_job(None, method="sat"))
         assert job.status_code == 201, job.text
-        path = f"/v1/jobs/{job.json()['id']}"
+        paths = [f"/v1/jobs/{job.json()['id']}", "/v1/jobs"] * 48
         with ThreadPoolExecutor(32) as pool:
-            codes = list(pool.map(lambda _: c.get(path, headers=headers).status_code, range(96)))
+            codes = list(pool.map(lambda path: c.get(path, headers=headers).status_code, paths))
     assert codes == [200] * 96
+
+
+def test_status_poll_survives_dropped_connections(
+    client: TestClient, app: Any, settings: Settings, alice: dict[str, str]
+) -> None:
+    """The poll engine pings nothing before use: a connection the server dropped (restart, idle timeout)
+    fails once, is discarded, and the poll is retried on a fresh one."""
+    job = client.post("/v1/jobs", headers=alice, json=_job(None, method="sat"))
+    assert job.status_code == 201, job.text
+    path = f"/v1/jobs/{job.json()['id']}"
+    assert client.get(path, headers=alice).status_code == 200  # the poll pool now holds a connection
+    database = sa.engine.make_url(settings.database_url).database
+    admin = sa.create_engine(settings.database_url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            killed = conn.scalar(
+                sa.text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE datname = :db AND pid <> pg_backend_pid()"
+                ),
+                {"db": database},
+            )
+    finally:
+        admin.dispose()
+    assert killed >= 1
+    for _ in range(3):
+        r = client.get(path, headers=alice)
+        assert r.status_code == 200 and r.json()["id"] == job.json()["id"], r.text

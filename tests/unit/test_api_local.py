@@ -260,6 +260,44 @@ def test_revoked_key_is_refused(client: TestClient, app: Any, alice: dict[str, s
     assert client.get("/v1/jobs", headers=alice).status_code == 401
 
 
+def test_status_poll_checks_the_key_before_the_job(
+    client: TestClient, app: Any, alice: dict[str, str], bob: dict[str, str], job: dict[str, Any]
+) -> None:
+    """The poll is its own query (service.polling): the same 401/404 rules as every other endpoint."""
+    from service.auth import revoke_api_key
+
+    path = f"/v1/jobs/{job['id']}"
+    for headers in ({}, {"Authorization": "Bearer rd_00000000_nope"}, {"Authorization": "Bearer x" * 300}):
+        for url in (path, "/v1/jobs/not-an-id", "/v1/jobs/" + "0" * 32):
+            r = client.get(url, headers=headers)
+            assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", (url, headers)
+    for url in ("/v1/jobs/not-an-id", "/v1/jobs/" + "0" * 32, "/v1/jobs/" + "A" * 32):
+        r = client.get(url, headers=alice)
+        assert r.status_code == 404 and "not found" in r.json()["detail"], url
+    assert client.get(path, headers=bob).status_code == 404
+    assert client.get(path, headers=alice).status_code == 200
+    with app.state.session_factory() as session:
+        assert revoke_api_key(session, alice["Authorization"].split("_")[1]) == 1
+        session.commit()
+    assert client.get(path, headers=alice).status_code == 401
+
+
+def test_status_poll_shows_what_the_listing_shows(
+    client: TestClient, app: Any, alice: dict[str, str], job: dict[str, Any]
+) -> None:
+    """One row read by Core on the async engine, the other by the ORM: the same JSON, types included."""
+    with app.state.session_factory() as session:
+        row = session.get(Job, job["id"])
+        row.progress = {"epoch": 1, "epochs": 2, "fraction": 0.5, "eta_s": 12.5}
+        row.latest_metrics = {"loss": 1.25, "val_robust_acc": None, "nested": {"a": [1, 2]}}
+        session.commit()
+    polled = client.get(f"/v1/jobs/{job['id']}", headers=alice)
+    assert polled.status_code == 200 and polled.headers["content-type"] == "application/json"
+    listed = client.get("/v1/jobs", headers=alice).json()["items"]
+    assert polled.json() == next(item for item in listed if item["id"] == job["id"])
+    assert polled.json()["progress"]["fraction"] == 0.5 and polled.json()["created_at"].endswith("Z")
+
+
 # ---------------------------------------------------------------- teachers
 
 
