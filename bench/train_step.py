@@ -65,6 +65,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--no-channels-last", action="store_true",
                    help="ours in NCHW (default: the trainer's auto, channels_last with bf16)")
     p.add_argument("--compile", action="store_true", help="ours with torch.compile(student)")
+    p.add_argument("--depthwise-fp32", choices=["auto", "on", "off"], default="auto",
+                   help="with bf16, ours' depthwise convolutions in fp32 (auto: on a CPU)")
     p.add_argument("--peak-size", type=int, default=None,
                    help="matmul size for the peak (default: the best of 1024 and 2048 on a CPU, "
                         "4096 and 8192 on a GPU)")
@@ -119,12 +121,12 @@ class Ours:
 
     def __init__(self, student: nn.Module, teacher: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
                  device: torch.device, amp: bool | None, channels_last: bool | None, compile: bool = False,
-                 seed: int = 0) -> None:
+                 depthwise_fp32: bool | None = None, seed: int = 0) -> None:
         self.method = create_method("rslad")
         if compile:
             student = torch.compile(student)
         config = TrainConfig(epochs=1, batch_size=len(y), seed=seed, amp=amp, channels_last=channels_last,
-                             device=str(device))
+                             depthwise_fp32=depthwise_fp32, device=str(device))
         self._tmp = tempfile.TemporaryDirectory(prefix="bench-")
         self.trainer = Trainer(config, self.method, student, teacher, one_batch_bundle(x, y), self._tmp.name)
         self.epoch = 0
@@ -176,7 +178,8 @@ def time_pair(name: str, args: argparse.Namespace, device: torch.device) -> dict
     x = (x * 255).round() / 255  # the values ours sees after its uint8 round trip
     ours = Ours(copy.deepcopy(student), copy.deepcopy(teacher), x, y, device=device,
                 amp=False if args.no_amp else None, channels_last=False if args.no_channels_last else None,
-                compile=args.compile, seed=args.seed)
+                compile=args.compile, depthwise_fp32={"on": True, "off": False}.get(args.depthwise_fp32),
+                seed=args.seed)
     ref = Reference(student, teacher, x, seed=args.seed)
     times: dict[str, list[float]] = {"reference": [], "ours": []}
     for i in range(args.warmup + args.steps):
@@ -191,6 +194,7 @@ def time_pair(name: str, args: argparse.Namespace, device: torch.device) -> dict
     t_ref, t_ours = median(times["reference"]), median(times["ours"])
     return {"student": name, "teacher": args.teacher, "batch_size": args.batch_size,
             "amp": ours.trainer.amp, "channels_last": ours.trainer.channels_last, "compile": args.compile,
+            "depthwise_fp32": ours.trainer.depthwise_fp32,
             "reference_s": t_ref, "ours_s": t_ours, "reference_times": times["reference"],
             "ours_times": times["ours"], "reference_img_s": args.batch_size / t_ref,
             "ours_img_s": args.batch_size / t_ours, "speedup": t_ref / t_ours, "step_flops": flops,
@@ -202,7 +206,7 @@ def short_run(student: nn.Module, teacher: nn.Module, bundle: DatasetBundle, *, 
     """One epoch of the real trainer over ``bundle`` (one step per batch) on copies of the models."""
     recorder = Recorder(create_method("rslad"))
     config = TrainConfig(epochs=1, batch_size=batch_size, seed=seed, amp=amp, channels_last=channels_last,
-                         device=str(device), train_eval_size=0)
+                         teacher_amp=amp, device=str(device), train_eval_size=0)
     with tempfile.TemporaryDirectory(prefix="bench-exact-") as out:
         trainer = Trainer(config, recorder, copy.deepcopy(student), copy.deepcopy(teacher), bundle, out)
         train_epoch(trainer, 0)
@@ -214,7 +218,8 @@ def check_exact(args: argparse.Namespace, device: torch.device) -> dict[str, Any
 
     - the reference, fed ours' batches (after augmentation) and attack start noise, against ours in fp32:
       the same math, so the curves must agree to float rounding;
-    - ours with the levers (bf16 autocast + channels_last) against ours fp32 on the same batches;
+    - ours with the levers (bf16 autocast for student and teacher, channels_last, and on a CPU fp32
+      depthwise layers) against ours fp32 (student and teacher) on the same batches;
     - ours fp32 with another seed (another batch order, augmentation and start noise) against ours fp32:
       the noise any loss curve has. The levers pass when they move the curve less than that.
     """
@@ -280,14 +285,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         e = result["exact"]
         print(f"\nloss curve of a short run ({e['student']} student, {e['teacher']} teacher, batch "
               f"{e['batch_size']}, {e['steps']} steps; {e['data']})")
-        print(table(["step", "reference", "ours fp32", "ours bf16+CL", "ours fp32, other seed"],
+        print(table(["step", "reference", "ours fp32", "ours levers", "ours fp32, other seed"],
                     [[i + 1, f"{r:.6f}", f"{a:.6f}", f"{b:.6f}", f"{c:.6f}"] for i, (r, a, b, c) in
                      enumerate(zip(e["reference"], e["ours_fp32"], e["ours_levers"],
                                    e["ours_fp32_other_seed"], strict=True))]))
         print(f"ours fp32 vs reference (same batches and start noise): max relative deviation "
               f"{e['max_rel_fp32_vs_reference']:.2e} -> "
               f"{'equal within 1e-4' if e['fp32_equal'] else 'NOT equal within 1e-4'}")
-        print(f"ours bf16+CL vs ours fp32: max |diff| {e['max_abs_levers']:.3g} "
+        print(f"ours levers (bf16 student and teacher, CL, CPU: fp32 depthwise) vs ours fp32: "
+              f"max |diff| {e['max_abs_levers']:.3g} "
               f"({100 * e['max_rel_levers']:.2f}%); "
               f"seed-to-seed noise: max |diff| {e['max_abs_noise']:.3g} ({100 * e['max_rel_noise']:.2f}%) -> "
               + ("levers within noise" if e["levers_within_noise"] else "levers NOT within noise"))

@@ -26,7 +26,7 @@ from torch import nn
 
 from core.attacks import create_attack
 from core.data import DatasetBundle, Split, iterate_batches
-from core.device import autocast, memory_format, resolve_device
+from core.device import autocast, depthwise_in_fp32, memory_format, resolve_device
 from core.errors import Cancelled, ConfigError
 from core.methods import Batch, Method
 
@@ -45,6 +45,8 @@ class TrainConfig:
     hardware has bf16 (CUDA with bf16, CPUs with AVX512-BF16/AMX): measured ~2.7x faster for a CIFAR
     ResNet-18 RSLAD step on such a CPU (MobileNetV2's depthwise layers gain far less: 1.3x, see bench/).
     channels_last: auto follows amp (it pays off with bf16 kernels).
+    depthwise_fp32: with amp, run depthwise convolutions in fp32 (``core.device.depthwise_in_fp32``);
+    auto: on a CPU, where oneDNN's bf16 depthwise kernels are slower than its fp32 ones.
     teacher_amp: the teacher's forward in bf16 (auto: wherever bf16 is native), independent of amp.
     """
 
@@ -58,6 +60,7 @@ class TrainConfig:
     deterministic: bool = False
     amp: bool | None = None
     channels_last: bool | None = None
+    depthwise_fp32: bool | None = None   # None: on a CPU with amp
     teacher_amp: bool | None = None      # the teacher's forward in bf16: None = where bf16 is native
     val_eps: float | None = None         # None: the method's eps
     val_attack_steps: int = 20           # validation PGD: step 2/255, uniform start (PGD_SAT)
@@ -204,9 +207,14 @@ class Trainer:
         self.amp = native if config.amp is None else bool(config.amp)
         self.channels_last = self.amp if config.channels_last is None else bool(config.channels_last)
         self.memory_format = memory_format(self.channels_last)
+        auto_depthwise = self.device.type == "cpu"
+        self.depthwise_fp32 = self.amp and (
+            auto_depthwise if config.depthwise_fp32 is None else bool(config.depthwise_fp32)
+        )
 
         self.train_split, self.val_split = data.train.to(self.device), data.val.to(self.device)
         self.student = student.to(self.device, memory_format=self.memory_format)
+        self._depthwise_hooks = depthwise_in_fp32(self.student, self.device) if self.depthwise_fp32 else []
         self.teacher_memory_format = memory_format(self.teacher_amp)
         self.teacher = teacher.to(self.device).eval() if teacher is not None else None
         if self.teacher is not None:
@@ -226,6 +234,7 @@ class Trainer:
         cfg = asdict(self.config)
         cfg.update(epochs=self.epochs, milestones=list(self.milestones), val_eps=self.val_eps, amp=self.amp,
                    teacher_amp=self.teacher_amp, channels_last=self.channels_last, device=str(self.device),
+                   depthwise_fp32=self.depthwise_fp32,
                    select_on=self.select_on,
                    method=self.method.name,
                    method_params={k: list(v) if isinstance(v, tuple) else v

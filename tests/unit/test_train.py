@@ -193,3 +193,48 @@ def test_teacher_precision_is_set_apart_from_the_student(tmp_path: Path, data) -
     )
     assert forced.amp is True and forced.teacher_amp is False
     assert forced.resolved()["teacher_amp"] is False
+
+
+def test_depthwise_layers_run_in_fp32_under_bf16_autocast() -> None:
+    """The CPU lever for MobileNets: depthwise convolutions in fp32, the rest of the model in bf16, the
+    same weights and state_dict, and nothing changed outside autocast."""
+    from torch import nn
+
+    from core.device import depthwise_in_fp32
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Conv2d(8, 4, 1), nn.Flatten()
+    )
+    x = torch.rand(2, 3, 6, 6, requires_grad=True)
+    keys, fp32_out = list(model.state_dict()), model(x)
+    seen: dict[str, torch.dtype] = {}
+    for name, module in model.named_children():
+        module.register_forward_hook(lambda m, a, out, name=name: seen.__setitem__(name, out.dtype))
+    handles = depthwise_in_fp32(model, torch.device("cpu"))
+    assert len(handles) == 2 and list(model.state_dict()) == keys
+    assert torch.equal(model(x), fp32_out)  # no autocast: untouched
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+        assert torch.is_autocast_enabled("cpu")  # restored after the depthwise layer
+    assert seen == {"0": torch.bfloat16, "1": torch.float32, "2": torch.bfloat16, "3": torch.bfloat16}
+    torch.testing.assert_close(out.float(), fp32_out, atol=0.05, rtol=0.05)
+    (grad,) = torch.autograd.grad(out.float().sum(), x)
+    assert grad.shape == x.shape and torch.isfinite(grad).all()
+    for handle in handles:
+        handle.remove()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x)
+    assert seen["1"] == torch.bfloat16
+
+
+def test_depthwise_fp32_is_a_cpu_amp_lever(tmp_path: Path, data) -> None:
+    def trainer(folder: str, **config) -> Trainer:
+        model = create_model("mobilenet_v2", 4)
+        return Trainer(TrainConfig(device="cpu", **config), create_method("sat", epochs=1), model, None, data,
+                       tmp_path / folder)
+
+    on = trainer("a", amp=True)
+    assert on.depthwise_fp32 is True and on.resolved()["depthwise_fp32"] is True
+    assert trainer("b", amp=True, depthwise_fp32=False).depthwise_fp32 is False
+    assert trainer("c", amp=False).depthwise_fp32 is False  # nothing to keep in fp32 without autocast
