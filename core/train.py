@@ -42,8 +42,9 @@ class TrainConfig:
     """Optimiser and loop settings. None means "take it from the method" or "auto" (see ``resolve``).
 
     amp: bf16 autocast for the student's forwards (validation is always fp32). Auto turns it on where the
-    hardware has bf16 (CUDA with bf16, CPUs with AVX512-BF16/AMX): measured ~2.7x faster for a CIFAR
-    ResNet-18 RSLAD step on such a CPU (MobileNetV2's depthwise layers gain far less: 1.3x, see bench/).
+    hardware has bf16 (CUDA with bf16, CPUs with AVX512-BF16/AMX): with channels_last and the teacher in
+    bf16, a ResNet-18 RSLAD step ran ~2.6x and a MobileNetV2 step ~2.1x faster than the fp32 reference
+    loop on such a CPU (see bench/).
     channels_last: auto follows amp (it pays off with bf16 kernels).
     depthwise_fp32: with amp, run depthwise convolutions in fp32 (``core.device.depthwise_in_fp32``);
     auto: on a CPU, where oneDNN's bf16 depthwise kernels are slower than its fp32 ones.
