@@ -67,6 +67,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="ours with torch.compile(student)")
     p.add_argument("--depthwise-fp32", choices=["auto", "on", "off"], default="auto",
                    help="with bf16, ours' depthwise convolutions in fp32 (auto: on a CPU)")
+    p.add_argument("--fold-bn", choices=["auto", "on", "off"], default="auto",
+                   help="ours' attack on the student with BatchNorms folded (auto: with bf16)")
     p.add_argument("--peak-size", type=int, default=None,
                    help="matmul size for the peak (default: the best of 1024 and 2048 on a CPU, "
                         "4096 and 8192 on a GPU)")
@@ -121,12 +123,12 @@ class Ours:
 
     def __init__(self, student: nn.Module, teacher: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
                  device: torch.device, amp: bool | None, channels_last: bool | None, compile: bool = False,
-                 depthwise_fp32: bool | None = None, seed: int = 0) -> None:
+                 depthwise_fp32: bool | None = None, fold_bn: bool | None = None, seed: int = 0) -> None:
         self.method = create_method("rslad")
         if compile:
             student = torch.compile(student)
         config = TrainConfig(epochs=1, batch_size=len(y), seed=seed, amp=amp, channels_last=channels_last,
-                             depthwise_fp32=depthwise_fp32, device=str(device))
+                             depthwise_fp32=depthwise_fp32, fold_bn=fold_bn, device=str(device))
         self._tmp = tempfile.TemporaryDirectory(prefix="bench-")
         self.trainer = Trainer(config, self.method, student, teacher, one_batch_bundle(x, y), self._tmp.name)
         self.epoch = 0
@@ -179,7 +181,7 @@ def time_pair(name: str, args: argparse.Namespace, device: torch.device) -> dict
     ours = Ours(copy.deepcopy(student), copy.deepcopy(teacher), x, y, device=device,
                 amp=False if args.no_amp else None, channels_last=False if args.no_channels_last else None,
                 compile=args.compile, depthwise_fp32={"on": True, "off": False}.get(args.depthwise_fp32),
-                seed=args.seed)
+                fold_bn={"on": True, "off": False}.get(args.fold_bn), seed=args.seed)
     ref = Reference(student, teacher, x, seed=args.seed)
     times: dict[str, list[float]] = {"reference": [], "ours": []}
     for i in range(args.warmup + args.steps):
@@ -194,7 +196,7 @@ def time_pair(name: str, args: argparse.Namespace, device: torch.device) -> dict
     t_ref, t_ours = median(times["reference"]), median(times["ours"])
     return {"student": name, "teacher": args.teacher, "batch_size": args.batch_size,
             "amp": ours.trainer.amp, "channels_last": ours.trainer.channels_last, "compile": args.compile,
-            "depthwise_fp32": ours.trainer.depthwise_fp32,
+            "depthwise_fp32": ours.trainer.depthwise_fp32, "fold_bn": ours.trainer.fold_bn,
             "reference_s": t_ref, "ours_s": t_ours, "reference_times": times["reference"],
             "ours_times": times["ours"], "reference_img_s": args.batch_size / t_ref,
             "ours_img_s": args.batch_size / t_ours, "speedup": t_ref / t_ours, "step_flops": flops,
@@ -318,6 +320,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 def _levers(row: dict[str, Any]) -> str:
     parts = ["bf16" if row["amp"] else "fp32", "CL" if row["channels_last"] else "NCHW"]
+    parts += ["fp32 depthwise"] if row.get("depthwise_fp32") else []
+    parts += ["folded BN"] if row.get("fold_bn") else []
     return "+".join(parts + (["compile"] if row["compile"] else []))
 
 

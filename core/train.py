@@ -28,6 +28,7 @@ from core.attacks import create_attack
 from core.data import DatasetBundle, Split, iterate_batches
 from core.device import autocast, depthwise_in_fp32, memory_format, resolve_device
 from core.errors import Cancelled, ConfigError
+from core.fold import FoldedEval
 from core.methods import Batch, Method
 
 EventFn = Callable[[dict[str, Any]], None]
@@ -46,6 +47,9 @@ class TrainConfig:
     bf16, a ResNet-18 RSLAD step ran ~2.6x and a MobileNetV2 step ~2.1x faster than the fp32 reference
     loop on such a CPU (see bench/).
     channels_last: auto follows amp (it pays off with bf16 kernels).
+    fold_bn: attack the student with each BatchNorm folded into its convolution (``core.fold``; the attack
+    runs in eval mode, where that is the same function up to rounding); auto follows amp, so that
+    ``amp=False`` is the reference's arithmetic exactly.
     depthwise_fp32: with amp, run depthwise convolutions in fp32 (``core.device.depthwise_in_fp32``);
     auto: on a CPU, where oneDNN's bf16 depthwise kernels are slower than its fp32 ones.
     teacher_amp: the teacher's forward in bf16 (auto: wherever bf16 is native), independent of amp.
@@ -62,6 +66,7 @@ class TrainConfig:
     amp: bool | None = None
     channels_last: bool | None = None
     depthwise_fp32: bool | None = None   # None: on a CPU with amp
+    fold_bn: bool | None = None          # None: with amp
     teacher_amp: bool | None = None      # the teacher's forward in bf16: None = where bf16 is native
     val_eps: float | None = None         # None: the method's eps
     val_attack_steps: int = 20           # validation PGD: step 2/255, uniform start (PGD_SAT)
@@ -216,6 +221,10 @@ class Trainer:
         self.train_split, self.val_split = data.train.to(self.device), data.val.to(self.device)
         self.student = student.to(self.device, memory_format=self.memory_format)
         self._depthwise_hooks = depthwise_in_fp32(self.student, self.device) if self.depthwise_fp32 else []
+        self.depthwise_fp32 = bool(self._depthwise_hooks)  # what this run does: False without such layers
+        fold = self.amp if config.fold_bn is None else bool(config.fold_bn)
+        self.folded = FoldedEval.build(self.student) if fold and method.attack_mode == "eval" else None
+        self.fold_bn = self.folded is not None
         self.teacher_memory_format = memory_format(self.teacher_amp)
         self.teacher = teacher.to(self.device).eval() if teacher is not None else None
         if self.teacher is not None:
@@ -235,7 +244,7 @@ class Trainer:
         cfg = asdict(self.config)
         cfg.update(epochs=self.epochs, milestones=list(self.milestones), val_eps=self.val_eps, amp=self.amp,
                    teacher_amp=self.teacher_amp, channels_last=self.channels_last, device=str(self.device),
-                   depthwise_fp32=self.depthwise_fp32,
+                   depthwise_fp32=self.depthwise_fp32, fold_bn=self.fold_bn,
                    select_on=self.select_on,
                    method=self.method.name,
                    method_params={k: list(v) if isinstance(v, tuple) else v
@@ -299,7 +308,7 @@ class Trainer:
         return Batch(x=x.contiguous(memory_format=self.memory_format), y=y, teacher=self.teacher,
                      autocast=self._autocast, teacher_autocast=self._teacher_autocast,
                      teacher_memory_format=self.teacher_memory_format,
-                     shared={} if shared is None else shared)
+                     shared={} if shared is None else shared, folded=self.folded)
 
     def begin_epoch(self, epoch: int) -> None:
         self._attack_gen = torch.Generator(device=self.device).manual_seed(_mix(self.config.seed, epoch, 1))

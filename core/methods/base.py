@@ -23,6 +23,7 @@ from torch.nn import functional as F
 
 from core.attacks.pgd import LossFn, pgd
 from core.errors import ConfigError
+from core.fold import FoldedEval
 
 INITS = ("uniform", "normal", "none")
 
@@ -66,6 +67,8 @@ class Batch:
     teacher_memory_format: torch.memory_format = torch.contiguous_format
     # Several students on the same images pass one dict to all their Batches: T(x) is computed once.
     shared: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    # The student with its BatchNorms folded (core.fold), attacked in its place by eval-mode attacks.
+    folded: FoldedEval | None = field(default=None, repr=False)
 
     def teacher_logits(self) -> torch.Tensor:
         """T(x) in full precision: eval mode, no grad, cached (in ``shared``)."""
@@ -137,7 +140,9 @@ class Method:
             raise ConfigError(f"method {self.name!r} needs a teacher model, but none was given")
         student.train(self.attack_mode == "train")
         try:
-            x_adv = self.attack(student, batch, epoch=epoch)
+            use_folded = self.attack_mode == "eval" and batch.folded is not None
+            attacked = batch.folded.refreshed() if use_folded else student
+            x_adv = self.attack(attacked, batch, epoch=epoch)
         finally:
             student.train()
         loss, terms = self.outer(student, batch, x_adv, epoch=epoch)

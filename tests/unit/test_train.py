@@ -238,3 +238,14 @@ def test_depthwise_fp32_is_a_cpu_amp_lever(tmp_path: Path, data) -> None:
     assert on.depthwise_fp32 is True and on.resolved()["depthwise_fp32"] is True
     assert trainer("b", amp=True, depthwise_fp32=False).depthwise_fp32 is False
     assert trainer("c", amp=False).depthwise_fp32 is False  # nothing to keep in fp32 without autocast
+
+
+def test_batchnorm_folding_follows_amp_and_eval_mode_attacks(tmp_path: Path, data) -> None:
+    def trainer(folder: str, method: str = "sat", **config) -> Trainer:
+        return Trainer(TrainConfig(device="cpu", **config), create_method(method, epochs=1),
+                       create_model("resnet18", 4), None, data, tmp_path / folder)
+
+    assert trainer("a", amp=True).fold_bn is True
+    assert trainer("b", amp=False).fold_bn is False  # fp32 is the reference's arithmetic exactly
+    assert trainer("c", amp=False, fold_bn=True).resolved()["fold_bn"] is True
+    assert trainer("d", method="ard", amp=True).fold_bn is False  # ARD attacks in train mode
