@@ -294,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(f"ours fp32 vs reference (same batches and start noise): max relative deviation "
               f"{e['max_rel_fp32_vs_reference']:.2e} -> "
               f"{'equal within 1e-4' if e['fp32_equal'] else 'NOT equal within 1e-4'}")
-        print(f"ours levers (bf16 student and teacher, CL, CPU: fp32 depthwise) vs ours fp32: "
+        print(f"ours levers (bf16 student and teacher, CL, folded BN; CPU: fp32 depthwise) vs ours fp32: "
               f"max |diff| {e['max_abs_levers']:.3g} "
               f"({100 * e['max_rel_levers']:.2f}%); "
               f"seed-to-seed noise: max |diff| {e['max_abs_noise']:.3g} ({100 * e['max_rel_noise']:.2f}%) -> "
