@@ -29,17 +29,21 @@ class FoldedEval:
     """A traced copy of ``student`` with conv->BatchNorm pairs folded; see the module docstring."""
 
     def __init__(self, module: fx.GraphModule, pairs: list[tuple[nn.Conv2d, nn.BatchNorm2d, nn.Conv2d]]):
-        self.module = module.eval()
+        self.module = module  # its modules are the student's, so they are in the mode the student is in
         self.pairs = pairs  # (the student's conv, its BatchNorm, the folded conv in ``module``)
 
     @classmethod
     def build(cls, student: nn.Module) -> FoldedEval | None:
         """The folded view, or None when the student cannot be traced or has nothing to fold."""
+        was_training = student.training
+        student.eval()  # Python-level ``if self.training`` branches are fixed at tracing: eval's
         try:
             graph_module = fx.symbolic_trace(student)
         except Exception as exc:  # fx raises many types for untraceable code; attacking unfolded is safe
             log.info("BatchNorm folding off: %s cannot be traced (%s)", type(student).__name__, exc)
             return None
+        finally:
+            student.train(was_training)
         modules = dict(graph_module.named_modules())
         pairs = []
         for node in list(graph_module.graph.nodes):

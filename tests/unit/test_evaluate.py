@@ -116,6 +116,14 @@ def test_bad_inputs_fail_before_any_attack_runs(problem):
         evaluate_model(nn.Sequential(nn.Flatten(), nn.Linear(D, 10)).double(), x, y, ["clean"])
 
 
+def test_check_ordering_allows_a_slack_of_examples():
+    fgsm, one_better, two_better = (row(name, acc, n=200) for name, acc in
+                                    (("fgsm", 0.215), ("pgd_sat", 0.220), ("pgd_sat", 0.225)))
+    assert check_ordering([fgsm, one_better], slack_examples=1) == []
+    assert len(check_ordering([fgsm, two_better], slack_examples=1)) == 1
+    assert len(check_ordering([fgsm, one_better])) == 1
+
+
 def test_check_ordering_flags_inversions_and_passes_a_sane_report():
     sane = [row("clean", 0.83, eps=0.0), row("fgsm", 0.58), row("pgd_sat", 0.54), row("pgd_trades", 0.56),
             row("cw_inf", 0.53), row("aa", 0.51), row("square", 0.60), row("transfer", 0.80)]

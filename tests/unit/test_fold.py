@@ -67,6 +67,24 @@ def test_refresh_follows_training_and_leaves_the_student_alone() -> None:
         torch.testing.assert_close(module(x), student(x), rtol=1e-4, atol=1e-4)
 
 
+def test_the_view_is_traced_in_eval_mode_and_leaves_the_mode_alone() -> None:
+    class Dropping(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return nn.functional.dropout(self.bn(self.conv(x)), p=0.5, training=self.training)
+
+    student = Dropping().train()
+    folded = FoldedEval.build(student)
+    assert folded is not None and student.training and student.bn.training
+    student.eval()  # as Method.loss does before an eval-mode attack
+    x = torch.rand(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(folded.refreshed()(x), student(x))  # no dropout baked in
+
+
 def test_an_untraceable_student_is_attacked_unfolded() -> None:
     class Branchy(nn.Module):
         def __init__(self) -> None:
