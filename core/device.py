@@ -43,7 +43,7 @@ def depthwise_in_fp32(model: nn.Module, device: torch.device) -> list[RemovableH
     """Run the model's depthwise convolutions in fp32 inside a bf16 autocast; returns the hook handles.
 
     On a CPU, oneDNN's bf16 depthwise kernels (forward and backward) are slower than its fp32 ones, while
-    the pointwise convolutions around them gain from bf16: a MobileNetV2 RSLAD step ran ~1.3x faster this
+    the pointwise convolutions around them gain from bf16: a MobileNetV2 RSLAD step ran ~1.2x faster this
     way than in all-bf16 (bench/train_step.py --depthwise-fp32 on|off). Each depthwise layer's input is
     cast up to fp32 and autocast is paused for it, so its forward and backward are fp32; its output is
     fp32 and the next layer casts it back down. The weights and the state_dict do not change. An

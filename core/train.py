@@ -43,8 +43,8 @@ class TrainConfig:
     """Optimiser and loop settings. None means "take it from the method" or "auto" (see ``resolve``).
 
     amp: bf16 autocast for the student's forwards (validation is always fp32). Auto turns it on where the
-    hardware has bf16 (CUDA with bf16, CPUs with AVX512-BF16/AMX): with channels_last and the teacher in
-    bf16, a ResNet-18 RSLAD step ran ~2.6x and a MobileNetV2 step ~2.1x faster than the fp32 reference
+    hardware has bf16 (CUDA with bf16, CPUs with AVX512-BF16/AMX): with the levers below and the teacher
+    in bf16, a ResNet-18 RSLAD step ran ~3.0x and a MobileNetV2 step ~2.7x faster than the fp32 reference
     loop on such a CPU (see bench/).
     channels_last: auto follows amp (it pays off with bf16 kernels).
     fold_bn: attack the student with each BatchNorm folded into its convolution (``core.fold``; the attack
