@@ -213,14 +213,12 @@ class Trainer:
         self.amp = native if config.amp is None else bool(config.amp)
         self.channels_last = self.amp if config.channels_last is None else bool(config.channels_last)
         self.memory_format = memory_format(self.channels_last)
-        auto_depthwise = self.device.type == "cpu"
-        self.depthwise_fp32 = self.amp and (
-            auto_depthwise if config.depthwise_fp32 is None else bool(config.depthwise_fp32)
-        )
+        cpu = self.device.type == "cpu"
+        depthwise = cpu if config.depthwise_fp32 is None else bool(config.depthwise_fp32)
 
         self.train_split, self.val_split = data.train.to(self.device), data.val.to(self.device)
         self.student = student.to(self.device, memory_format=self.memory_format)
-        self._depthwise_hooks = depthwise_in_fp32(self.student, self.device) if self.depthwise_fp32 else []
+        self._depthwise_hooks = depthwise_in_fp32(self.student, self.device) if self.amp and depthwise else []
         self.depthwise_fp32 = bool(self._depthwise_hooks)  # what this run does: False without such layers
         fold = self.amp if config.fold_bn is None else bool(config.fold_bn)
         self.folded = FoldedEval.build(self.student) if fold and method.attack_mode == "eval" else None
