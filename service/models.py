@@ -151,6 +151,14 @@ class Job(Base):
     idempotency_key: Mapped[str | None]
     cancel_requested: Mapped[bool] = mapped_column(default=False)
     attempts: Mapped[int] = mapped_column(default=0)
+    # Apart from ``attempts`` (deliveries that started running, the lease's fencing token): attempts lost
+    # with their worker (not the job's fault, RD_MAX_LOST_WORKERS) and attempts that ended in the job's
+    # own unexpected error and were retried (RD_MAX_ATTEMPTS). See worker/lease.py.
+    lost_workers: Mapped[int] = mapped_column(default=0, server_default="0")
+    failed_attempts: Mapped[int] = mapped_column(default=0, server_default="0")
+    # When a message for the job was last sent: a job queued longer than RD_REQUEUE_QUEUED_AFTER_S is
+    # sent again (the broker may have lost it), and this marker keeps that to once per period.
+    enqueued_at: Mapped[datetime | None] = mapped_column(default=utcnow)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
