@@ -212,3 +212,25 @@ def run_config(job: Job, *, teacher_path: str | None, data_root: str) -> dict[st
     (then ``params["dataset"]`` is ``"npz"``).
     """
     return {**job.params, "teacher_path": teacher_path, "data_root": data_root}
+
+
+def release_for_delete(session: Session, column: Any, row_id: str) -> str | None:
+    """Before deleting a teacher or dataset: the id of an unfinished job that uses it (then it must stay),
+    else clear the reference of the finished jobs that used it, so they keep their record.
+
+    ``jobs.teacher_id`` and ``jobs.dataset_id`` have no ON DELETE action, so a job that is created after
+    this check (a race with the delete) makes the DELETE itself fail in the database: the caller answers
+    409 on that IntegrityError. A job that needs a teacher never exists without one.
+    """
+    busy = session.scalar(
+        sa.select(Job.id).where(column == row_id, Job.status.not_in(TERMINAL_STATUSES)).limit(1)
+    )
+    if busy:
+        return busy
+    session.execute(
+        sa.update(Job)
+        .where(column == row_id, Job.status.in_(TERMINAL_STATUSES))
+        .values({column.key: None})
+        .execution_options(synchronize_session=False)
+    )
+    return None

@@ -133,14 +133,12 @@ class Job(Base):
 
     id: Mapped[str] = mapped_column(IdStr, primary_key=True, default=new_id)
     tenant_id: Mapped[str] = mapped_column(IdStr, sa.ForeignKey("tenants.id", ondelete="CASCADE"))
-    # A teacher or dataset may be deleted once its jobs are finished; the job keeps its record.
-    teacher_id: Mapped[str | None] = mapped_column(
-        IdStr, sa.ForeignKey("teachers.id", ondelete="SET NULL"), index=True
-    )
+    # A teacher or dataset may be deleted once its jobs are finished; the job keeps its record (the API
+    # clears these ids first). No ON DELETE action: the database refuses to delete a teacher or dataset
+    # that a job still names, so a job created during the delete never loses it (api/routes/teachers.py).
+    teacher_id: Mapped[str | None] = mapped_column(IdStr, sa.ForeignKey("teachers.id"), index=True)
     dataset_name: Mapped[str | None] = mapped_column(sa.String(64))
-    dataset_id: Mapped[str | None] = mapped_column(
-        IdStr, sa.ForeignKey("datasets.id", ondelete="SET NULL"), index=True
-    )
+    dataset_id: Mapped[str | None] = mapped_column(IdStr, sa.ForeignKey("datasets.id"), index=True)
     student_arch: Mapped[str] = mapped_column(sa.String(64))
     method: Mapped[str] = mapped_column(sa.String(64))
     params: Mapped[dict[str, Any]]

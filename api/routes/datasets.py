@@ -9,13 +9,15 @@ from typing import Annotated, Any
 
 import sqlalchemy as sa
 from fastapi import APIRouter, File, Form, HTTPException, Response, UploadFile
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import ROW_ID, SessionDep, SettingsDep, StoreDep, TenantDep, owned, plain_text
 from api.schemas import NOT_FOUND, BuiltinDataset, DatasetList, DatasetOut, Message
 from api.uploads import ReceivedFile, forget_object, received_upload
-from service.models import TERMINAL_STATUSES, Dataset, Job, Tenant, new_id
+from service import jobs as job_state
+from service.models import Dataset, Job, Tenant, new_id
 from service.settings import Settings
 from service.storage import ObjectStore, dataset_key, safe_filename
 
@@ -168,13 +170,14 @@ def get_dataset(dataset_id: str, tenant: TenantDep, session: SessionDep) -> Data
 @router.delete("/{dataset_id}", status_code=204, responses={**NOT_FOUND, 409: {"model": Message}})
 def delete_dataset(dataset_id: str, tenant: TenantDep, session: SessionDep, store: StoreDep) -> Response:
     row = tenant_dataset(session, tenant, dataset_id)
-    busy = session.scalar(
-        sa.select(Job.id).where(Job.dataset_id == row.id, Job.status.not_in(TERMINAL_STATUSES)).limit(1)
-    )
-    if busy:
-        raise HTTPException(409, detail=f"dataset {row.id} is used by unfinished job {busy}")
-    key = row.object_key
+    row_id, key = row.id, row.object_key
+    if busy := job_state.release_for_delete(session, Job.dataset_id, row_id):
+        raise HTTPException(409, detail=f"dataset {row_id} is used by unfinished job {busy}")
     session.delete(row)
-    session.commit()
+    try:
+        session.commit()
+    except IntegrityError:  # a job naming it was created meanwhile (see service.jobs.release_for_delete)
+        session.rollback()
+        raise HTTPException(409, detail=f"dataset {row_id} is used by a job created meanwhile") from None
     forget_object(store, key)
     return Response(status_code=204)

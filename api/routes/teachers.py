@@ -8,6 +8,7 @@ from typing import Annotated
 
 import sqlalchemy as sa
 from fastapi import APIRouter, File, Form, HTTPException, Response, UploadFile
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -16,7 +17,8 @@ from api.model_check import CheckedModel, check_model_isolated
 from api.routes.datasets import resolve_dataset
 from api.schemas import NOT_FOUND, Message, ModelFormat, TeacherList, TeacherOut
 from api.uploads import ReceivedFile, forget_object, received_upload
-from service.models import TERMINAL_STATUSES, Job, Teacher, Tenant, new_id
+from service import jobs as job_state
+from service.models import Job, Teacher, Tenant, new_id
 from service.storage import ObjectStore, safe_filename, teacher_key
 
 log = logging.getLogger(__name__)
@@ -136,13 +138,14 @@ def get_teacher(teacher_id: str, tenant: TenantDep, session: SessionDep) -> Teac
 @router.delete("/{teacher_id}", status_code=204, responses={**NOT_FOUND, 409: {"model": Message}})
 def delete_teacher(teacher_id: str, tenant: TenantDep, session: SessionDep, store: StoreDep) -> Response:
     row = tenant_teacher(session, tenant, teacher_id)
-    busy = session.scalar(
-        sa.select(Job.id).where(Job.teacher_id == row.id, Job.status.not_in(TERMINAL_STATUSES)).limit(1)
-    )
-    if busy:
-        raise HTTPException(409, detail=f"teacher {row.id} is used by unfinished job {busy}")
-    key = row.object_key
+    row_id, key = row.id, row.object_key
+    if busy := job_state.release_for_delete(session, Job.teacher_id, row_id):
+        raise HTTPException(409, detail=f"teacher {row_id} is used by unfinished job {busy}")
     session.delete(row)
-    session.commit()
+    try:
+        session.commit()
+    except IntegrityError:  # a job naming it was created meanwhile (see service.jobs.release_for_delete)
+        session.rollback()
+        raise HTTPException(409, detail=f"teacher {row_id} is used by a job created meanwhile") from None
     forget_object(store, key)
     return Response(status_code=204)
