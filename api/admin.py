@@ -1,7 +1,8 @@
 """``distill-admin``: operator commands that need database access rather than an API key.
 
     distill-admin upgrade                     # run the database migrations (alembic upgrade head)
-    distill-admin create-key --tenant NAME    # prints a new API key (the tenant is created if new)
+    distill-admin create-key NAME             # prints a new API key (the tenant is created if new);
+                                              # --tenant NAME is accepted as well
     distill-admin list-keys                   # prefixes, tenants, revoked or not
     distill-admin revoke-key PREFIX           # revoke every key with this prefix
 
@@ -28,11 +29,26 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("upgrade", help="bring the database schema up to date")
     create = sub.add_parser("create-key", help="create an API key and print it")
-    create.add_argument("--tenant", required=True, help="tenant name (created when new)")
+    create.add_argument("tenant", nargs="?", help="tenant name (created when new)")
+    create.add_argument("--tenant", dest="tenant_option", metavar="TENANT", help="the same, as an option")
     sub.add_parser("list-keys", help="list key prefixes by tenant")
     revoke = sub.add_parser("revoke-key", help="revoke the keys with this prefix")
     revoke.add_argument("prefix", help="the 8 characters after 'rd_'")
     return parser
+
+
+def _tenant_name(args: argparse.Namespace) -> str | None:
+    """The tenant of ``create-key``, given as ``NAME`` or ``--tenant NAME`` (both must agree); None after
+    printing why when it is missing, empty or contradictory."""
+    given = {n.strip() for n in (args.tenant, args.tenant_option) if n is not None}
+    if len(given) > 1:
+        print(f"distill-admin: two different tenants given: {' and '.join(sorted(given))}", file=sys.stderr)
+        return None
+    name = given.pop() if given else ""
+    if not name:
+        print("distill-admin: create-key needs a tenant name: distill-admin create-key NAME", file=sys.stderr)
+        return None
+    return name
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,9 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with session_scope(factory) as session:
             if args.command == "create-key":
-                name = args.tenant.strip()
-                if not name:
-                    print("distill-admin: --tenant must not be empty", file=sys.stderr)
+                name = _tenant_name(args)
+                if name is None:
                     return 2
                 print(create_api_key(session, name))
             elif args.command == "list-keys":
