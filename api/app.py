@@ -19,6 +19,7 @@ from starlette.concurrency import run_in_threadpool
 import core
 from api import model_check
 from api.routes import datasets, health, jobs, teachers
+from api.streams import StreamSlots
 from api.uploads import BodySizeLimit
 from core.errors import UserError
 from service.auth import ensure_dev_key
@@ -115,6 +116,7 @@ def create_app(
     app.state.revoke = revoke or queue.revoke
     app.state.broker_ping = queue.ping
     app.state.sse_poll_seconds = 1.0
+    app.state.streams = StreamSlots(per_key=settings.max_streams_per_key, total=settings.max_streams)
 
     app.add_middleware(BodySizeLimit, max_upload_bytes=settings.max_upload_bytes)
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]

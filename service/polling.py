@@ -6,12 +6,17 @@ concurrent pollers the threads fought for the GIL and the event loop, and p99 re
 key check and the job load are one outer-joined SELECT on an async engine in autocommit mode (no
 transaction to open or roll back), and a dropped connection is retried once instead of pinged before
 every use.
+
+Server-sent event streams poll here too (``StatusPoller.events``): a stream lasts as long as its job, so
+through the ORM it held a pooled connection (and the request gate) for its whole life, and 45 streams
+starved every other request. Here each poll borrows a connection for one query and gives it back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
@@ -19,7 +24,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from service.auth import KEY_PREFIX
-from service.models import ROW_ID, ApiKey, Job
+from service.models import ROW_ID, ApiKey, Job, JobEvent
 
 ASYNC_DRIVERS = {"postgresql": "psycopg", "sqlite": "aiosqlite"}
 MAX_KEY_CHARS = 200
@@ -42,6 +47,45 @@ def _statement() -> sa.Select[Any]:
 POLL_JOB = _statement()
 
 
+def _events_statement() -> sa.Select[Any]:
+    """The key check, the job's status and progress, and its events after ``:after``: one SELECT.
+
+    Zero rows: the key is bad. One row with a NULL job id: not this tenant's job. Otherwise one row per
+    event (the job's columns repeated), or one row with NULL event columns when there is none newer."""
+    keys, jobs, events = ApiKey.__table__, Job.__table__, JobEvent.__table__
+    on_job = sa.and_(jobs.c.tenant_id == keys.c.tenant_id, jobs.c.id == sa.bindparam("job_id"))
+    on_event = sa.and_(events.c.job_id == jobs.c.id, events.c.id > sa.bindparam("after"))
+    return (
+        sa.select(
+            keys.c.id.label("key_id"),
+            jobs.c.id.label("job_id"),
+            jobs.c.status,
+            jobs.c.progress,
+            events.c.id.label("event_id"),
+            events.c.type.label("event_type"),
+            events.c.payload,
+            events.c.created_at,
+        )
+        .select_from(keys.outerjoin(jobs, on_job).outerjoin(events, on_event))
+        .where(keys.c.key_hash == sa.bindparam("key_hash"), keys.c.revoked_at.is_(None))
+        .order_by(events.c.id)
+    )
+
+
+EVENTS_AFTER = _events_statement()
+
+
+@dataclass(frozen=True)
+class JobEvents:
+    """What one event poll read: whose key asked, the job's status and progress, and the events after
+    the id asked for (rows with ``event_id``, ``event_type``, ``payload``, ``created_at``), oldest first."""
+
+    key_id: str
+    status: str
+    progress: dict[str, Any] | None
+    events: list[sa.Row[Any]]
+
+
 class StatusPoller:
     """Answers status polls from its own small async pool, admitting polls first come, first served.
 
@@ -58,22 +102,36 @@ class StatusPoller:
     async def job(self, key: str | None, job_id: str) -> sa.Row[Any] | None:
         """The job's row (the ``jobs`` columns by name) if ``key`` is live and its tenant owns the job;
         None if the job is missing, malformed or another tenant's. Raises UnknownKey for a bad key."""
-        if not key or not key.startswith(KEY_PREFIX) or len(key) > MAX_KEY_CHARS:
+        rows = await self._rows(POLL_JOB, _params(key, job_id))
+        if not rows:
             raise UnknownKey
-        params = {"key_hash": hashlib.sha256(key.encode()).hexdigest(), "job_id": job_id}
-        if not ROW_ID.match(job_id):
-            params["job_id"] = ""  # never matches; the key is still checked, so 401 wins over 404
-        async with self._admit:
-            row = await self._first(params)
-        if row is None:
-            raise UnknownKey
-        return row if row.id is not None else None
+        return rows[0] if rows[0].id is not None else None
 
-    async def _first(self, params: dict[str, str]) -> sa.Row[Any] | None:
+    async def events(self, key: str | None, job_id: str, after: int, limit: int) -> JobEvents | None:
+        """Up to ``limit`` of the job's events with ids above ``after``, with its status and progress, if
+        ``key`` is live and its tenant owns the job; None otherwise. Raises UnknownKey for a bad key.
+
+        Server-sent event streams call this every poll: a stream holds a connection for one query at a
+        time, never between polls, and no thread."""
+        params: dict[str, Any] = {**_params(key, job_id), "after": after}
+        rows = await self._rows(EVENTS_AFTER.limit(limit), params)
+        if not rows:
+            raise UnknownKey
+        head = rows[0]
+        if head.job_id is None:
+            return None
+        events = [row for row in rows if row.event_id is not None]
+        return JobEvents(key_id=head.key_id, status=head.status, progress=head.progress, events=events)
+
+    async def _rows(self, statement: sa.Select[Any], params: dict[str, Any]) -> list[sa.Row[Any]]:
+        async with self._admit:
+            return await self._execute(statement, params)
+
+    async def _execute(self, statement: sa.Select[Any], params: dict[str, Any]) -> list[sa.Row[Any]]:
         for attempt in (1, 2):
             try:
                 async with self.engine.connect() as conn:
-                    return (await conn.execute(POLL_JOB, params)).first()
+                    return list((await conn.execute(statement, params)).all())
             except sa.exc.DBAPIError as exc:
                 # A connection the server closed (restart, idle timeout) fails once and is discarded,
                 # with the rest of the pool.
@@ -83,6 +141,15 @@ class StatusPoller:
 
     async def close(self) -> None:
         await self.engine.dispose()
+
+
+def _params(key: str | None, job_id: str) -> dict[str, Any]:
+    """The bind parameters of a poll; UnknownKey for a key that cannot be one of ours."""
+    if not key or not key.startswith(KEY_PREFIX) or len(key) > MAX_KEY_CHARS:
+        raise UnknownKey
+    # A malformed id never matches; the key is still checked, so 401 wins over 404.
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    return {"key_hash": digest, "job_id": job_id if ROW_ID.match(job_id) else ""}
 
 
 def make_poll_engine(url: str, *, pool_size: int) -> AsyncEngine:

@@ -39,6 +39,10 @@ class Settings(BaseSettings):
     # Connections of the async engine that answers status polls on the event loop (service.polling).
     # A poll holds one for a single query, so a few serve hundreds of polls a second.
     db_poll_pool_size: int = Field(default=5, ge=1)
+    # Open server-sent event streams (GET /v1/jobs/{id}/events with Accept: text/event-stream) per API
+    # key and in all, counted per API process: with N processes the bounds are N times these.
+    max_streams_per_key: int = Field(default=8, ge=1, le=100_000)
+    max_streams: int = Field(default=500, ge=1, le=100_000)
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> Settings:

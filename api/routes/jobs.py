@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import json
 import logging
 import math
-import time
-from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -17,8 +14,7 @@ import sqlalchemy as sa
 from fastapi import APIRouter, BackgroundTasks, Header, HTTPException, Path, Query, Request, Response
 from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, sessionmaker
-from starlette.concurrency import run_in_threadpool
+from sqlalchemy.orm import Session
 
 from api.deps import ROW_ID, BearerDep, SessionDep, SettingsDep, StoreDep, TenantDep, owned, unauthorized
 from api.routes.datasets import ResolvedDataset, resolve_dataset
@@ -28,7 +24,6 @@ from api.schemas import (
     ArtifactList,
     ArtifactOut,
     DownloadUrl,
-    EventOut,
     EventPage,
     JobCreate,
     JobOut,
@@ -39,8 +34,9 @@ from api.schemas import (
     MetricOut,
     Progress,
 )
+from api.streams import STREAM_BATCH, EventStreamResponse, event_out, event_stream
 from service import jobs as job_state
-from service.models import Artifact, Job, JobEvent, JobMetric, Teacher, Tenant
+from service.models import Artifact, Job, JobMetric, Teacher, Tenant
 from service.polling import UnknownKey
 from service.settings import Settings
 from service.storage import ObjectNotFound
@@ -50,7 +46,6 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 JobId = Annotated[str, Path(max_length=64)]
 ArtifactName = Annotated[str, Path(max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
-HEARTBEAT_S = 15.0
 MAX_BIGINT = 2**63 - 1
 
 
@@ -296,72 +291,19 @@ async def get_job(job_id: JobId, request: Request, credentials: BearerDep) -> Re
     return Response(job_out(row).model_dump_json(), media_type="application/json")
 
 
-def _events_after(session: Session, job_id: str, after: int, limit: int) -> list[JobEvent]:
-    return list(
-        session.scalars(
-            sa.select(JobEvent)
-            .where(JobEvent.job_id == job_id, JobEvent.id > after)
-            .order_by(JobEvent.id)
-            .limit(limit)
-        )
-    )
-
-
-def _sse(kind: str | None, data: Any, event_id: int | None = None) -> str:
-    lines = []
-    if event_id is not None:
-        lines.append(f"id: {event_id}")
-    if kind:
-        lines.append(f"event: {kind}")
-    lines.append(f"data: {json.dumps(data, default=str)}")
-    return "\n".join(lines) + "\n\n"
-
-
-async def _event_stream(
-    factory: sessionmaker[Session], job_id: str, after: int, poll_s: float
-) -> AsyncIterator[str]:
-    """Server-sent events: every stored event in order, ``progress`` when it changes, then ``end`` once
-    the job is finished and nothing newer is left to send."""
-
-    def poll(after: int) -> tuple[list[JobEvent], str, dict[str, Any] | None]:
-        with factory() as session:
-            events = _events_after(session, job_id, after, 500)
-            status, progress = session.execute(
-                sa.select(Job.status, Job.progress).where(Job.id == job_id)
-            ).one()
-            return events, status, progress
-
-    last_progress: Any = object()
-    last_sent = time.monotonic()
-    while True:
-        events, status, progress = await run_in_threadpool(poll, after)
-        for event in events:
-            yield _sse(event.type, EventOut.model_validate(event).model_dump(mode="json"), event.id)
-            after = event.id
-        if progress != last_progress and progress is not None:
-            yield _sse("progress", progress)
-        last_progress = progress
-        if events or progress is not None:
-            last_sent = time.monotonic()
-        if status in job_state.TERMINAL_STATUSES and not events:
-            yield _sse("end", {"status": status})
-            return
-        if time.monotonic() - last_sent > HEARTBEAT_S:
-            yield ": keep-alive\n\n"
-            last_sent = time.monotonic()
-        await asyncio.sleep(poll_s)
-
-
 @router.get(
     "/{job_id}/events",
     response_model=EventPage,
-    responses={**NOT_FOUND, 200: {"content": {"text/event-stream": {}}, "model": EventPage}},
+    responses={
+        **NOT_FOUND,
+        200: {"content": {"text/event-stream": {}}, "model": EventPage},
+        429: {"model": Message, "description": "Too many open event streams for this key or this server"},
+    },
 )
-def job_events(
+async def job_events(
     job_id: JobId,
     request: Request,
-    tenant: TenantDep,
-    session: SessionDep,
+    credentials: BearerDep,
     after: Annotated[int, Query(ge=0, le=MAX_BIGINT)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     stream: bool = False,
@@ -369,21 +311,27 @@ def job_events(
     last_event_id: Annotated[int | None, Header(ge=0, le=MAX_BIGINT)] = None,
 ) -> Any:
     """The job's append-only event log after event id ``after``. With ``Accept: text/event-stream`` or
-    ``?stream=true``: a live server-sent-event stream that ends when the job has finished."""
-    job = tenant_job(session, tenant, job_id)
-    if stream or (accept and "text/event-stream" in accept):
-        start = last_event_id if last_event_id is not None else after
-        return StreamingResponse(
-            _event_stream(
-                request.app.state.session_factory, job.id, start, request.app.state.sse_poll_seconds
-            ),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
-    events = _events_after(session, job.id, after, limit)
-    return EventPage(
-        items=[EventOut.model_validate(e) for e in events], next_after=events[-1].id if events else after
-    )
+    ``?stream=true``: a live server-sent-event stream that ends when the job has finished (at most
+    RD_MAX_STREAMS_PER_KEY open per key, 429 beyond).
+
+    Read on the status poller's async engine, never through an ORM session: a stream lasts as long as
+    its job, and a request's session (with its pooled connection) lives until its response is sent."""
+    streaming = stream or bool(accept and "text/event-stream" in accept)
+    start = last_event_id if streaming and last_event_id is not None else after
+    key = credentials.credentials if credentials else None
+    poller = request.app.state.poller
+    try:
+        batch = await poller.events(key, job_id, start, STREAM_BATCH if streaming else limit)
+    except UnknownKey:
+        raise unauthorized() from None
+    if batch is None:
+        raise HTTPException(404, detail=f"job {job_id[:64]!r} not found")
+    if streaming:
+        slot = request.app.state.streams.acquire(batch.key_id)  # 429 beyond the bounds
+        content = event_stream(request, poller, key, job_id, start, batch, request.app.state.sse_poll_seconds)
+        return EventStreamResponse(content, slot)
+    items = [event_out(row) for row in batch.events]
+    return EventPage(items=items, next_after=items[-1].id if items else after)
 
 
 @router.get("/{job_id}/metrics", response_model=MetricList, responses=NOT_FOUND)
