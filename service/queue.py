@@ -5,6 +5,7 @@ The API sends the task by name, so it never imports the worker's code (nor torch
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -78,9 +79,62 @@ class CeleryQueue:
             retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1},
         )
 
+    def waiting_ids(self) -> set[str] | None:
+        """Ids of the jobs with a message waiting on the broker's queue (not yet delivered), or None when
+        this broker cannot be listed. Messages a worker holds unacknowledged are not counted: a job still
+        queued in the database while its message is held was never claimed, so its worker is dead.
+
+        The reaper resends a long-queued job only when its message is missing here (worker/lease.py).
+        """
+        url = self.settings.broker_url
+        if url.startswith(("redis://", "rediss://")):
+            return _redis_waiting(url, self.settings.queue)
+        if url.startswith("filesystem://"):
+            return _folder_waiting(self.settings.broker_dir / "queue", self.settings.queue)
+        return None
+
     def revoke(self, job_id: str) -> None:
         self.app.control.revoke(job_id)
 
     def ping(self, timeout: float = 2.0) -> None:
         with self.app.connection_for_write() as conn:
             conn.ensure_connection(max_retries=1, interval_start=0, timeout=timeout)
+
+
+def _message_id(raw: bytes | str) -> str | None:
+    import json
+
+    try:
+        message = json.loads(raw)
+        return str(message["headers"]["id"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _redis_waiting(url: str, queue: str, chunk: int = 1000) -> set[str]:
+    """The task ids in the Redis list kombu keeps for ``queue`` (no priorities are used here)."""
+    import redis
+
+    client = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
+    try:
+        ids: set[str] = set()
+        start = 0
+        while batch := client.lrange(queue, start, start + chunk - 1):
+            ids.update(i for i in map(_message_id, batch) if i)
+            start += chunk
+        return ids
+    finally:
+        client.close()
+
+
+def _folder_waiting(folder: Path, queue: str) -> set[str]:
+    """The task ids of the folder broker's message files for ``queue`` (a file is removed on delivery)."""
+    ids: set[str] = set()
+    for path in folder.glob(f"*.{queue}.msg"):
+        try:
+            raw = path.read_bytes()
+        except OSError:  # delivered meanwhile
+            continue
+        if job_id := _message_id(raw):
+            ids.add(job_id)
+    return ids

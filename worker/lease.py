@@ -7,6 +7,17 @@ lease instead: the task that runs a job touches ``jobs.updated_at`` every ``hear
 attempt number, and every worker's parent process runs a reaper that puts a running job whose row has not
 been touched for ``stale_after_s`` back on the queue. The task that picks it up resumes from the job's
 last checkpoint in the object store.
+
+The database is the source of truth for queued jobs too: a broker that restarts without persistence
+forgets its messages, so the reaper also sends again every job that has been ``queued`` for longer than
+``requeue_queued_after_s`` without a message waiting on the broker (``jobs.enqueued_at`` is the marker: one
+resend per period). A resend whose message was not lost after all makes a duplicate delivery, which the
+task's claim absorbs at once (worker/tasks.py ``JobRun._claim``).
+
+Two counters bound a job's attempts apart: ``lost_workers`` (the worker died under it: SIGKILL, out of
+memory, a lost machine; not the job's fault, so the bound is generous) and ``failed_attempts`` (the attempt
+ended in the job's own unexpected error and was retried from its checkpoint). The error of a job that
+gives up says which bound it reached.
 """
 
 from __future__ import annotations
@@ -39,8 +50,13 @@ class WorkerSettings(BaseSettings):
     stale_after_s: float = Field(default=120.0, gt=0)  # RD_STALE_AFTER_S
     reap_every_s: float = Field(default=30.0, gt=0)  # RD_REAP_EVERY_S
     cancel_poll_s: float = Field(default=0.5, gt=0)  # RD_CANCEL_POLL_S
-    # A job whose worker died this many times (OOM, segfault, a lost machine) fails instead of looping.
+    # A job whose own unexpected error ended this many attempts fails (a UserError fails at once).
     max_attempts: int = Field(default=3, ge=1)  # RD_MAX_ATTEMPTS
+    # A job whose worker died under it this many times (killed, OOM, a lost machine) fails instead of
+    # looping; generous, because a worker's death is usually not the job's fault.
+    max_lost_workers: int = Field(default=10, ge=1)  # RD_MAX_LOST_WORKERS
+    # A job queued this long with no message waiting on the broker is sent again (RD_REQUEUE_QUEUED_AFTER_S).
+    requeue_queued_after_s: float = Field(default=120.0, gt=0)
     # Redis only: seconds before an unacknowledged message is handed out again (RD_VISIBILITY_TIMEOUT).
     # Unset keeps service.queue's value (longer than any job); the lease makes early redelivery harmless.
     visibility_timeout: int | None = Field(default=None, gt=0)
@@ -63,14 +79,55 @@ def touch(session: Any, job_id: str, attempt: int) -> bool:
     return result.rowcount == 1
 
 
-def gave_up(attempts: int, max_attempts: int) -> str:
+def lost_too_often(lost_workers: int, max_lost_workers: int) -> str:
     return (
-        f"the worker running this job was lost {attempts} time(s) (killed, out of memory or its machine "
-        f"gone); giving up after {max_attempts} attempts (RD_MAX_ATTEMPTS)"
+        f"the worker running this job was lost {lost_workers} time(s) (killed, out of memory or its machine "
+        f"gone); giving up after {max_lost_workers} lost workers (RD_MAX_LOST_WORKERS)"
     )
 
 
-def reap_once(session_factory: Any, enqueue: Any, stale_after_s: float, max_attempts: int = 3) -> list[str]:
+def failed_too_often(failed_attempts: int, error: str) -> str:
+    return (
+        f"{error} (the job's own error ended {failed_attempts} attempt(s); giving up after "
+        f"{failed_attempts} (RD_MAX_ATTEMPTS))"
+    )
+
+
+def lose_worker(session: Any, job: Job, max_lost_workers: int, message: str) -> str:
+    """The attempt on ``job`` (running or evaluating) lost its worker: count it, then requeue, cancel
+    (a cancel was asked for) or fail (too many lost workers). Returns the new status. The caller sends
+    a message for a requeued job after committing; the status moves are compare-and-set."""
+    lost = job.lost_workers + 1
+    session.execute(
+        sa.update(Job)
+        .where(Job.id == job.id)
+        .values(lost_workers=lost)
+        .execution_options(synchronize_session=False)
+    )
+    if job.cancel_requested:
+        transition(session, job, "cancelled", error=f"{message}; cancel was requested")
+    elif lost >= max_lost_workers:
+        transition(session, job, "failed", error=lost_too_often(lost, max_lost_workers))
+    else:
+        note = {"message": f"{message}; requeued (lost worker {lost} of {max_lost_workers})"}
+        add_event(session, job.id, "warning", note, dedupe_key=f"requeue:{job.attempts}")
+        transition(session, job, "queued")
+        mark_enqueued(session, job.id)
+    return job.status
+
+
+def mark_enqueued(session: Any, job_id: str) -> None:
+    session.execute(
+        sa.update(Job)
+        .where(Job.id == job_id)
+        .values(enqueued_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+
+
+def reap_once(
+    session_factory: Any, enqueue: Any, stale_after_s: float, max_lost_workers: int = 10
+) -> list[str]:
     """Requeue (or, when a cancel was asked for, cancel) every active job whose lease ran out.
 
     The status move is a compare-and-set, so several workers' reapers never requeue a job twice; the
@@ -85,7 +142,7 @@ def reap_once(session_factory: Any, enqueue: Any, stale_after_s: float, max_atte
     for job_id in ids:
         try:
             with session_scope(session_factory) as session:
-                job = session.get(Job, job_id)
+                job = session.get(Job, job_id, with_for_update=True)
                 if job is None or job.status not in ACTIVE_STATUSES:
                     continue
                 if not is_stale(job.updated_at, stale_after_s):
@@ -93,22 +150,10 @@ def reap_once(session_factory: Any, enqueue: Any, stale_after_s: float, max_atte
                 message = (
                     f"worker lost: no heartbeat for over {stale_after_s:g} s during attempt {job.attempts}"
                 )
-                if job.cancel_requested:
-                    transition(session, job, "cancelled", error=f"{message}; cancel was requested")
-                    log.warning("job %s: %s; cancelled", job_id, message)
+                status = lose_worker(session, job, max_lost_workers, message)
+                if status != "queued":
+                    log.warning("job %s: %s; %s", job_id, message, status)
                     continue
-                if job.attempts >= max_attempts:
-                    transition(session, job, "failed", error=gave_up(job.attempts, max_attempts))
-                    log.error("job %s: %s; failed after %d attempts", job_id, message, job.attempts)
-                    continue
-                add_event(
-                    session,
-                    job_id,
-                    "warning",
-                    {"message": f"{message}; requeued"},
-                    dedupe_key=f"requeue:{job.attempts}",
-                )
-                transition(session, job, "queued")
         except IllegalTransition:
             continue  # another reaper, or the job itself, moved first
         try:
@@ -119,6 +164,53 @@ def reap_once(session_factory: Any, enqueue: Any, stale_after_s: float, max_atte
         log.warning("job %s: worker lost, requeued", job_id)
         requeued.append(job_id)
     return requeued
+
+
+def resend_queued(
+    session_factory: Any, enqueue: Any, waiting: Any, after_s: float, limit: int = 1000
+) -> list[str]:
+    """Send again every job queued for over ``after_s`` whose message is not waiting on the broker.
+
+    ``waiting()`` gives the job ids with a message on the broker's queue, or None when the broker cannot
+    be listed (then every job past the bound is sent again; the claim absorbs duplicates). Moving
+    ``enqueued_at`` is a compare-and-set, so several reapers send one message, not one each, and a job
+    is sent at most once per ``after_s``. Returns the ids sent.
+    """
+    cutoff = utcnow() - timedelta(seconds=after_s)
+    last_sent = sa.func.coalesce(Job.enqueued_at, Job.created_at)
+    with session_scope(session_factory) as session:
+        ids = list(
+            session.scalars(
+                sa.select(Job.id)
+                .where(Job.status == "queued", last_sent < cutoff)
+                .order_by(Job.created_at)
+                .limit(limit)
+            )
+        )
+    if not ids:
+        return []
+    pending = waiting()
+    sent: list[str] = []
+    for job_id in ids:
+        if pending is not None and job_id in pending:
+            continue
+        with session_scope(session_factory) as session:
+            moved = session.execute(
+                sa.update(Job)
+                .where(Job.id == job_id, Job.status == "queued", last_sent < cutoff)
+                .values(enqueued_at=utcnow())
+                .execution_options(synchronize_session=False)
+            ).rowcount
+        if moved != 1:
+            continue
+        try:
+            enqueue(job_id)
+        except Exception:
+            log.exception("job %s: queued without a message, and the broker refused a new one", job_id)
+            continue
+        log.warning("job %s: queued for over %g s with no message on the broker; sent again", job_id, after_s)
+        sent.append(job_id)
+    return sent
 
 
 class Reaper(threading.Thread):
@@ -138,12 +230,9 @@ class Reaper(threading.Thread):
         queue = CeleryQueue(self.settings)
         while not self.stopping.is_set():
             try:
-                reap_once(
-                    factory,
-                    queue.enqueue,
-                    self.worker_settings.stale_after_s,
-                    self.worker_settings.max_attempts,
-                )
+                ws = self.worker_settings
+                reap_once(factory, queue.enqueue, ws.stale_after_s, ws.max_lost_workers)
+                resend_queued(factory, queue.enqueue, queue.waiting_ids, ws.requeue_queued_after_s)
             except Exception:
                 log.exception("reaper pass failed; trying again in %g s", self.worker_settings.reap_every_s)
             self.stopping.wait(self.worker_settings.reap_every_s)

@@ -30,11 +30,19 @@ from service.jobs import (
     upsert_metrics,
 )
 from service.models import Dataset, Job, JobEvent, Teacher
-from service.queue import RUN_JOB_TASK
+from service.queue import RUN_JOB_TASK, CeleryQueue
 from service.settings import Settings, get_settings
 from service.storage import ObjectNotFound, job_key, open_store
 from worker.celery_app import app
-from worker.lease import ACTIVE_STATUSES, WorkerSettings, gave_up, is_stale, touch
+from worker.lease import (
+    ACTIVE_STATUSES,
+    WorkerSettings,
+    failed_too_often,
+    is_stale,
+    lose_worker,
+    mark_enqueued,
+    touch,
+)
 
 log = get_task_logger(__name__)
 
@@ -119,42 +127,35 @@ class JobRun:
     def _claim(self) -> str | None:
         """Move the job to running for this attempt; a reason string when it must not run.
 
-        A job another worker is visibly running (fresh lease) is waited on for one lease period: if that
-        worker is really dead the lease runs out and this delivery takes over, else it is a duplicate.
+        The decision is made on the row locked FOR UPDATE, so two deliveries of one job (a redelivery, or
+        a resend by the reaper while the first message was still there) never both claim it. A delivery
+        that finds the job running under a fresh lease is a duplicate and returns at once instead of
+        holding this worker for a lease period: if that owner is in fact dead, the reaper requeues the
+        job when its lease runs out (worker/lease.py), with a message of its own. A stale lease is a lost
+        worker: it is counted (``lost_workers``, bounded by RD_MAX_LOST_WORKERS) and this delivery takes
+        the job over, resuming from its checkpoint.
         """
-        deadline = time.monotonic() + self.ws.stale_after_s + 2 * self.ws.heartbeat_s
-        while True:
-            with session_scope(self.sessions) as session:
-                job = session.get(Job, self.job_id)
-                if job is None:
-                    return "no such job"
-                if job.is_terminal:
-                    return f"already {job.status}"
-                owned_elsewhere = (
-                    job.status in ACTIVE_STATUSES
-                    and not job.cancel_requested
-                    and not is_stale(job.updated_at, self.ws.stale_after_s)
-                )
-                if not owned_elsewhere:
-                    if (
-                        job.status in ACTIVE_STATUSES
-                        and job.attempts >= self.ws.max_attempts
-                        and not job.cancel_requested
-                    ):
-                        transition(session, job, "failed", error=gave_up(job.attempts, self.ws.max_attempts))
-                        return "failed: too many attempts"
-                    try:
-                        if not start_attempt(session, job):
-                            return job.status
-                    except IllegalTransition:
-                        session.rollback()
-                        return "claimed by another delivery"
-                    self.attempt, self.tenant_id = job.attempts, job.tenant_id
-                    log.info("job %s: attempt %d started", self.job_id, self.attempt)
-                    return None
-            if time.monotonic() > deadline:
-                return "running on a live worker (duplicate delivery)"
-            time.sleep(min(self.ws.heartbeat_s, 5.0))
+        with session_scope(self.sessions) as session:
+            job = session.get(Job, self.job_id, with_for_update=True)
+            if job is None:
+                return "no such job"
+            if job.is_terminal:
+                return f"already {job.status}"
+            if job.status in ACTIVE_STATUSES and not job.cancel_requested:
+                if not is_stale(job.updated_at, self.ws.stale_after_s):
+                    return "running on a live worker (duplicate delivery)"
+                message = f"redelivered after attempt {job.attempts}: its worker was lost"
+                if lose_worker(session, job, self.ws.max_lost_workers, message) != "queued":
+                    return job.status
+            try:
+                if not start_attempt(session, job):
+                    return job.status
+            except IllegalTransition:
+                session.rollback()
+                return "claimed by another delivery"
+            self.attempt, self.tenant_id = job.attempts, job.tenant_id
+            log.info("job %s: attempt %d started", self.job_id, self.attempt)
+            return None
 
     def _run(self) -> str:
         from core.errors import Cancelled, UserError
@@ -182,8 +183,7 @@ class JobRun:
             return "failed"
         except Exception as exc:
             log.exception("job %s: attempt %d crashed", self.job_id, self.attempt)
-            self._finish("failed", error=f"internal error: {type(exc).__name__}: {exc}")
-            return "failed"
+            return self._retry_or_fail(f"internal error: {type(exc).__name__}: {exc}")
 
     # ----- inputs ----------------------------------------------------------------------------------------
 
@@ -404,6 +404,41 @@ class JobRun:
                 raise LostLease()
             transition(session, job, "succeeded")
         log.info("job %s: succeeded in %.1f s", self.job_id, report.get("seconds") or 0.0)
+
+    def _retry_or_fail(self, error: str) -> str:
+        """An unexpected error (not a UserError: a store or database hiccup, a crash in the code) ended
+        this attempt: requeue the job to resume from its checkpoint, until RD_MAX_ATTEMPTS attempts have
+        ended so; then fail it, saying so. A lost worker is not counted here (see worker/lease.py)."""
+        try:
+            with session_scope(self.sessions) as session:
+                job = session.get(Job, self.job_id, with_for_update=True)
+                if job is None or job.is_terminal or job.attempts != self.attempt:
+                    return "lost lease"
+                failed = job.failed_attempts + 1
+                session.execute(
+                    sa.update(Job)
+                    .where(Job.id == self.job_id)
+                    .values(failed_attempts=failed)
+                    .execution_options(synchronize_session=False)
+                )
+                if job.cancel_requested or failed >= self.ws.max_attempts:
+                    final = error if job.cancel_requested else failed_too_often(failed, error)
+                    transition(session, job, "failed", error=final)
+                    log.info("job %s: failed: %s", self.job_id, final)
+                    return "failed"
+                retries = self.ws.max_attempts - 1
+                note = f"attempt {self.attempt} failed ({error}); retry {failed} of {retries}"
+                dedupe = f"retry:{self.attempt}"
+                add_event(session, self.job_id, "warning", {"message": note}, dedupe_key=dedupe)
+                transition(session, job, "queued")
+                mark_enqueued(session, self.job_id)
+        except IllegalTransition:
+            return "moved meanwhile"
+        try:
+            CeleryQueue(self.settings).enqueue(self.job_id)
+        except Exception:  # the reaper sends queued jobs without a message again
+            log.exception("job %s: requeued for a retry but the broker refused the message", self.job_id)
+        return "retrying"
 
     def _finish(self, status: str, *, error: str | None, note: str | None = None) -> None:
         """Record a terminal status unless another attempt took the job (or it already ended)."""
