@@ -112,6 +112,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--data-root", required=True, metavar="PATH", help="folder (or .npz file) with the data")
     d.add_argument("--epochs", type=positive_int, help="default: the method's (RSLAD 300); milestones scale")
     d.add_argument("--batch-size", type=positive_int, default=128)
+    d.add_argument("--lr", type=parse_fraction, metavar="LR",
+                   help="learning rate (default: 0.1 x batch-size/128, the linear rule; 0.1 at batch 128)")
+    d.add_argument("--warmup-epochs", type=non_negative_int, metavar="N",
+                   help="linear lr warm-up over N epochs (default: off, or min(5, epochs/10) when the "
+                        "linear rule raises the lr for a batch above 128)")
+    d.add_argument("--collapse-patience", type=non_negative_int, default=3, metavar="N",
+                   help="warn after N epochs with train and validation accuracy at chance and a flat loss "
+                        "(default 3; 0: off)")
+    d.add_argument("--allow-degenerate", action="store_true",
+                   help="keep a student (or teacher) at chance level instead of failing; the report flags it")
+    d.add_argument("--teacher-claimed-accuracy", type=parse_fraction, metavar="FRACTION",
+                   help="the teacher's known clean accuracy (e.g. 0.67): measured well below it is a warning")
     d.add_argument("--eps", type=parse_fraction, help="L-inf budget for training and evaluation, e.g. 8/255")
     d.add_argument("--train-subset", type=positive_int, metavar="N", help="train on the first N images only")
     d.add_argument("--val-size", type=non_negative_int, default=1000,
@@ -193,7 +205,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
         epochs=args.epochs, batch_size=args.batch_size, eps=args.eps, train_subset=args.train_subset,
         val_size=args.val_size, seed=args.seed, deterministic=args.deterministic, device=args.device,
         amp=args.amp, channels_last=args.channels_last, attacks=args.attacks, n_eval=args.n_eval,
-        eval_batch_size=args.eval_batch_size, evaluate_teacher=args.evaluate_teacher)
+        eval_batch_size=args.eval_batch_size, evaluate_teacher=args.evaluate_teacher, lr=args.lr,
+        warmup_epochs=args.warmup_epochs, collapse_patience=args.collapse_patience,
+        allow_degenerate=args.allow_degenerate, teacher_claimed_accuracy=args.teacher_claimed_accuracy)
     if students:
         cfg.students = [{**s, "method_params": _params_for(s["method"], args.method_param)} for s in students]
     else:
@@ -221,6 +235,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
         print()
     for message in report["warnings"]:
         _err(f"warning: {message}")
+    if report.get("degenerate_student"):
+        _err("DEGENERATE STUDENT: the best checkpoint is no better than guessing; its numbers are "
+             "meaningless (kept because of --allow-degenerate)")
     if students:
         print(f"report: {out / 'report.json'}  students: {', '.join(str(out / n) for n in singles)}")
     else:

@@ -8,6 +8,7 @@ a weaker one, or any attack that does better than no attack, is the classic symp
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -18,6 +19,7 @@ from torch import nn
 from core.attacks import ATTACKS, Attack, create_attack
 from core.device import resolve_device
 from core.errors import Cancelled, ConfigError, DataError
+from core.guardrails import CHANCE_Z, MIN_CONCLUSIVE_N, at_chance
 
 # attack -> attacks it is at least as strong as, on the same examples. Not listed on purpose: PGD versus
 # FGSM (a PGD run from a random start is not guaranteed to beat the single FGSM step on every model).
@@ -175,4 +177,36 @@ def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: 
     # One example either way is within what a random start moves (a stronger attack is stronger on
     # average, not on every example); two or more are flagged.
     ordering = check_ordering(rows, slack_examples=1)
-    return {"rows": rows, "warnings": warnings + ordering, "ordering_ok": not ordering}
+    degenerate = check_degenerate(rows, num_classes, majority_share=_majority_share(y))
+    return {"rows": rows, "warnings": warnings + ordering + degenerate, "ordering_ok": not ordering,
+            "degenerate": bool(degenerate)}
+
+
+def _majority_share(y: torch.Tensor) -> float:
+    return float(torch.bincount(y.cpu()).max()) / len(y) if len(y) else 0.0
+
+
+def check_degenerate(rows: Sequence[dict[str, Any]], num_classes: int, *,
+                     majority_share: float = 0.0) -> list[str]:
+    """Warnings for an evaluation whose robust numbers mean nothing: clean accuracy at chance
+    (``core.guardrails.at_chance``), or every attack's accuracy equal to the clean accuracy at the level
+    of always answering one class (a constant classifier, which no attack can move)."""
+    clean = next((r for r in rows if r["attack"] == "clean"), None)
+    if clean is None:
+        return []
+    accuracy, n = float(clean["accuracy"]), int(clean["n"])
+    attacked = [r for r in rows if r["attack"] != "clean" and int(r["n"]) == n]
+    what = " and robust" if attacked else ""
+    if at_chance(accuracy, n, num_classes):
+        return [f"clean accuracy {accuracy:.2%} on {n} images is chance level for {num_classes} classes: the "
+                f"model is no better than guessing, so its clean{what} numbers are meaningless"]
+    spread = math.sqrt(max(majority_share * (1 - majority_share), 1e-12) / max(n, 1))
+    one_class = majority_share + CHANCE_Z * spread
+    if (n >= MIN_CONCLUSIVE_N and attacked and accuracy <= one_class
+            and all(float(r["accuracy"]) == accuracy for r in attacked)):
+        names = ", ".join(r["attack"] for r in attacked)
+        return [f"robust accuracy ({names}) equals the clean accuracy {accuracy:.2%}, at the level of always "
+                f"answering one class ({majority_share:.2%} of these images share a label): the model is "
+                "probably a constant classifier, which no attack can move; the robust numbers are "
+                "meaningless"]
+    return []

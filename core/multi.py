@@ -82,11 +82,17 @@ class MultiTrainer:
             for t in active:
                 batch = t.make_batch(x, y, shared)
                 batch.teacher = self.teacher
-                t.train_step(batch, epoch, step)
+                try:
+                    t.train_step(batch, epoch, step)
+                except ConfigError as exc:  # e.g. a diverged loss: say which student
+                    raise ConfigError(f"student {self._name(t)!r}: {exc}") from exc
             self._progress(epoch, step, steps)
         train_seconds = time.monotonic() - t0
         for t, lr in zip(active, lrs, strict=True):
             t.finish_epoch(epoch, lr, t.end_epoch(), train_seconds, t0)
+
+    def _name(self, trainer: Trainer) -> str:
+        return next(name for name, t in self.trainers.items() if t is trainer)
 
 
 def _setting(trainer: Trainer, key: str) -> Any:

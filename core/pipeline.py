@@ -6,14 +6,13 @@ JSON-serialisable ``DistillConfig``, and everything it learnt is in the returned
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import math
 import os
 import platform
-import re
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,176 +20,24 @@ import torch
 from torch import nn
 
 import core
-from core.attacks import ATTACKS
-from core.data import DatasetBundle, load_dataset
+from core import guardrails
+from core.config import (  # noqa: F401  (DistillConfig and the defaults are imported from here too)
+    DEFAULT_ATTACKS,
+    DEFAULT_EPS,
+    DISTILL_ATTACKS,
+    LIMITS,
+    DistillConfig,
+    _check_attacks,
+    _check_int,
+    _is_number,
+)
+from core.data import DatasetBundle, Split, load_dataset
 from core.device import resolve_device
 from core.errors import ConfigError, ModelLoadError
 from core.evaluate import evaluate_model
-from core.methods import METHODS, Method, create_method
-from core.models import create_model, list_models
-from core.teachers import FORMATS, load_model_file, parse_normalize
+from core.models import create_model
+from core.teachers import load_model_file
 from core.train import EventFn, StopFn, TrainConfig, Trainer
-
-DEFAULT_EPS = 8 / 255
-DEFAULT_ATTACKS = ("clean", "fgsm", "pgd_sat", "pgd_trades", "cw_inf", "aa")
-# 'transfer' needs a surrogate model, which a distillation job does not have.
-DISTILL_ATTACKS = tuple(name for name in ATTACKS if name != "transfer")
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
-
-
-@dataclass
-class DistillConfig:
-    """Every setting of a job. None means the method's reference value (epochs) or 8/255 (eps).
-
-    eps: when given, both the training attack and the evaluation use it; when None, the method keeps
-    its reference eps (TRADES: 0.031) and the evaluation uses 8/255, as in the paper.
-    """
-
-    teacher_path: str | None = None
-    teacher_arch: str | None = None
-    teacher_format: str = "auto"
-    teacher_normalize: str | None = None   # "m1,m2,m3;s1,s2,s3", "cifar10", "cifar100" or None
-    student: str = "resnet18"
-    method: str = "rslad"
-    method_params: dict[str, Any] = field(default_factory=dict)
-    dataset: str = "cifar10"
-    data_root: str = "data"
-    epochs: int | None = None
-    batch_size: int = 128
-    eps: float | None = None
-    train_subset: int | None = None
-    val_size: int = 1000
-    seed: int = 0
-    deterministic: bool = False
-    device: str = "auto"
-    amp: bool | None = None
-    channels_last: bool | None = None
-    attacks: list[str] = field(default_factory=lambda: list(DEFAULT_ATTACKS))
-    n_eval: int | None = None
-    eval_batch_size: int = 256
-    evaluate_teacher: bool = False
-    # Several students in one pass (core/multi.py): each {"student", "method", "method_params"?, "name"?};
-    # when given, it replaces student / method / method_params above. Every other setting is shared.
-    students: list[dict[str, Any]] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DistillConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        return cls(**data)
-
-    @property
-    def eval_eps(self) -> float:
-        return DEFAULT_EPS if self.eps is None else float(self.eps)
-
-    def method_overrides(self, num_classes: int | None = None) -> dict[str, Any]:
-        """method_params plus what the job-level settings imply for the method."""
-        params = dict(self.method_params)
-        defaults = METHODS[self.method].defaults
-        if self.epochs is not None:
-            params["epochs"] = self.epochs
-        if self.eps is not None and "eps" in defaults:
-            params["eps"] = float(self.eps)
-        if self.method == "rslad" and num_classes == 100:
-            params.setdefault("kl_scale", 10.0)  # the reference scales each KL by 10 on CIFAR-100
-        return params
-
-    def build_method(self, num_classes: int | None = None) -> Method:
-        return create_method(self.method, **self.method_overrides(num_classes))
-
-    def student_configs(self) -> dict[str, DistillConfig]:
-        """name -> the single-student config of each student (one entry, named 'student', without
-        ``students``). Names default to 'ARCH-METHOD' and become folder and artifact names."""
-        if not self.students:
-            return {"student": self}
-        if not isinstance(self.students, list):
-            raise ConfigError("students must be a list of {student, method, method_params, name}")
-        out: dict[str, DistillConfig] = {}
-        for i, spec in enumerate(self.students):
-            if not isinstance(spec, dict) or not spec.get("student") or not spec.get("method"):
-                raise ConfigError(f"students[{i}] must be an object with 'student' and 'method', "
-                                  f"got {spec!r}")
-            extra = sorted(set(spec) - {"student", "method", "method_params", "name"})
-            if extra:
-                raise ConfigError(f"students[{i}]: unknown key(s) {', '.join(extra)}; "
-                                  "allowed: student, method, method_params, name")
-            name = str(spec.get("name") or f"{spec['student']}-{spec['method']}")
-            if not _NAME.fullmatch(name):
-                raise ConfigError(f"students[{i}]: name {name!r} must be letters, digits, '_', '-' or '.' "
-                                  "(at most 64), starting with a letter or digit")
-            if name in out:
-                raise ConfigError(f"two students are named {name!r}: give them distinct 'name's")
-            out[name] = replace(self, student=spec["student"], method=spec["method"],
-                                method_params=dict(spec.get("method_params") or {}), students=None)
-        return out
-
-    def validate(self) -> Method:
-        """Raise ConfigError for anything that would fail later; return the method it describes (the
-        first student's, for several)."""
-        if self.students is not None:
-            if not self.students:
-                raise ConfigError("students is empty: list at least one {student, method}")
-            methods = [sub.validate() for sub in self.student_configs().values()]
-            return methods[0]
-        _check_int("batch_size", self.batch_size, 1)
-        _check_int("val_size", self.val_size, 0)
-        _check_int("seed", self.seed, 0)
-        _check_int("eval_batch_size", self.eval_batch_size, 1)
-        for name in ("epochs", "train_subset", "n_eval"):
-            if getattr(self, name) is not None:
-                _check_int(name, getattr(self, name), 1)
-        if self.eps is not None:
-            if not _is_number(self.eps) or not 0 < self.eps <= 1:
-                raise ConfigError(f"eps must be a number in (0, 1] (images are in [0, 1]; 8/255 = "
-                                  f"{8 / 255:.5f}), got {self.eps!r}")
-        if self.student not in list_models():
-            raise ConfigError(f"unknown student {self.student!r}; known: {', '.join(list_models())}")
-        if self.method not in METHODS:
-            raise ConfigError(f"unknown method {self.method!r}; known: {', '.join(METHODS)}")
-        if not isinstance(self.method_params, dict):
-            raise ConfigError(f"method_params must be a dict, got {type(self.method_params).__name__}")
-        method = self.build_method()
-        if method.needs_teacher and not self.teacher_path:
-            raise ConfigError(f"method {self.method!r} distils from a teacher: give the teacher model file "
-                              "(--teacher PATH)")
-        if self.evaluate_teacher and not self.teacher_path:
-            raise ConfigError("evaluate_teacher needs a teacher model file (--teacher PATH)")
-        if self.teacher_format not in ("auto", *FORMATS):
-            raise ConfigError(f"unknown teacher format {self.teacher_format!r}; use auto or one of "
-                              f"{', '.join(FORMATS)}")
-        if self.teacher_normalize not in (None, "", "none"):
-            parse_normalize(self.teacher_normalize)
-        _check_attacks(self.attacks)
-        if not self.data_root:
-            raise ConfigError("data_root is empty: give the folder that holds the dataset (--data-root)")
-        if self.device != "auto" and self.device != "cpu" and not str(self.device).startswith("cuda"):
-            raise ConfigError(f"unknown device {self.device!r}; use auto, cpu or cuda")
-        return method
-
-
-def _is_number(value: Any) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-
-
-def _check_attacks(attacks: list[str]) -> None:
-    if isinstance(attacks, str) or not attacks:
-        raise ConfigError(f"attacks must be a non-empty list from: {', '.join(DISTILL_ATTACKS)}")
-    bad = [a for a in attacks if a not in DISTILL_ATTACKS]
-    if bad:
-        raise ConfigError(f"unknown attack(s) {', '.join(map(repr, bad))}; "
-                          f"known: {', '.join(DISTILL_ATTACKS)}")
-    if len(set(attacks)) != len(attacks):
-        raise ConfigError(f"attacks listed twice in {', '.join(attacks)}")
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 def _write_json(obj: Any, path: Path) -> None:
@@ -246,6 +93,33 @@ def dataset_info(data: DatasetBundle) -> dict[str, Any]:
     }
 
 
+def public_config(cfg: DistillConfig) -> dict[str, Any]:
+    """The settings as a report shows them: file names, never a path of the machine that ran the job."""
+    out = cfg.to_dict()
+    for key in ("teacher_path", "data_root"):
+        if out.get(key):
+            out[key] = os.path.basename(os.path.normpath(str(out[key])))
+    return out
+
+
+def teacher_name(cfg: DistillConfig) -> dict[str, Any]:
+    """How a report names the teacher: its id and sha256 when the service gave them, else its file name
+    (and the file's sha256)."""
+    if cfg.teacher_id:
+        return {"id": cfg.teacher_id, "sha256": cfg.teacher_sha256}
+    assert cfg.teacher_path
+    sha256 = cfg.teacher_sha256 or _sha256(cfg.teacher_path)
+    return {"file": os.path.basename(cfg.teacher_path), "sha256": sha256}
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _emit(on_event: EventFn | None, event: dict[str, Any]) -> None:
     if on_event is not None:
         on_event(event)
@@ -267,8 +141,9 @@ def run_distillation(cfg: DistillConfig, out_dir: str | os.PathLike, *, on_event
     job = _Inputs(cfg, on_event, should_stop)
     trainer = job.trainer(cfg, out, on_event)
     fit = trainer.fit()
+    checks = job.check_students(cfg, {"": out})
     _emit(on_event, {"type": "status", "status": "evaluating"})
-    report = job.report(cfg, fit, out, started)
+    report = job.report(cfg, fit, out, started, checks[""])
     _write_json(report, out / "report.json")
     return report
 
@@ -298,18 +173,25 @@ def run_multi_distillation(cfg: DistillConfig, out_dir: str | os.PathLike, *, on
 
     trainers = {name: job.trainer(sub, out / name, tagged(name)) for name, sub in subs.items()}
     fits = MultiTrainer(trainers, on_event=on_event, should_stop=should_stop).fit()
+    checks = job.check_students(cfg, {name: out / name for name in subs})
     _emit(on_event, {"type": "status", "status": "evaluating"})
     reports: dict[str, Any] = {}
     for name, sub in subs.items():
-        reports[name] = job.report(sub, fits[name], out / name, started)
+        reports[name] = job.report(sub, fits[name], out / name, started, checks[name])
         _write_json(reports[name], out / name / "report.json")
+    degenerate = sorted(name for name, r in reports.items() if r["degenerate_student"])
+    warnings = list(job.warnings)
+    for name, r in reports.items():
+        warnings += [f"{name}: {w}" for w in r["warnings"] if w not in job.warnings]
     report = _finite({
-        "config": cfg.to_dict(),
+        "degenerate_student": bool(degenerate),
+        "degenerate_students": degenerate,
+        "warnings": warnings,
+        "config": public_config(cfg),
         "dataset": dataset_info(job.data),
         "teacher": job.teacher_info,
         "students": reports,
         "shared_pass": {"students": list(subs), "teacher_forwards_per_batch": 1},
-        "warnings": list(job.warnings),
         "versions": versions(),
         "seconds": round(time.monotonic() - started, 3),
     })
@@ -333,16 +215,21 @@ class _Inputs:
         image_shape = tuple(int(s) for s in self.data.train.x.shape[1:])
         self.teacher_info: dict[str, Any] | None = None
         self.teacher: nn.Module | None = None
+        # The images the guardrails measure on: the first few hundred of the validation split (the test
+        # split when there is none), so the test set stays untouched by any decision.
+        self.check_split_name = "validation" if len(self.data.val) else "test"
+        self.check_split: Split = self.data.val if len(self.data.val) else self.data.test
         if cfg.teacher_path and (needs_teacher or cfg.evaluate_teacher):
             loaded = load_model_file(cfg.teacher_path, arch=cfg.teacher_arch,
                                      num_classes=self.data.num_classes,
                                      normalize=cfg.teacher_normalize or None, fmt=cfg.teacher_format,
                                      device=self.device, input_shape=image_shape)
             self.teacher = loaded.model
-            self.teacher_info = {"path": os.path.basename(cfg.teacher_path), "format": loaded.format,
+            self.teacher_info = {**teacher_name(cfg), "format": loaded.format,
                                  "arch": loaded.arch, "num_classes": loaded.num_classes,
                                  "params": loaded.num_params, "normalize": loaded.normalize,
                                  "probe": loaded.probe}
+            self._check_teacher(cfg, loaded.normalize)
             if cfg.evaluate_teacher:
                 self.teacher_info["evaluation"] = _evaluate(self.teacher, self.data, cfg, self.device,
                                                             should_stop)
@@ -353,6 +240,43 @@ class _Inputs:
         self.warnings.append(message)
         _emit(self.on_event, {"type": "warning", "message": message})
 
+    def _check_teacher(self, cfg: DistillConfig, normalize: Any) -> None:
+        """Before any training: a teacher at chance (or read with the wrong normalisation) fails the job."""
+        assert self.teacher is not None and self.teacher_info is not None
+        check = guardrails.check_teacher(self.teacher, self.check_split, self.data.num_classes, self.device,
+                                         normalize=normalize, claimed_accuracy=cfg.teacher_claimed_accuracy,
+                                         split_name=self.check_split_name)
+        self.teacher_info["check"] = check.record
+        for message in check.warnings:
+            self.warn(f"teacher check: {message}")
+        if check.failure is not None:
+            if not cfg.allow_degenerate:
+                raise guardrails.TeacherCheckFailed(f"teacher check failed: {check.failure}")
+            self.warn(f"teacher check failed (kept going: allow_degenerate): {check.failure}")
+
+    def check_students(self, cfg: DistillConfig, outs: dict[str, Path]) -> dict[str, dict[str, Any]]:
+        """After training: each best checkpoint's clean accuracy on the check split. A student at chance
+        fails the job (``DegenerateStudent``) unless ``allow_degenerate``; then it is flagged."""
+        subs = cfg.student_configs()
+        checks: dict[str, dict[str, Any]] = {}
+        failures: list[str] = []
+        for name, out in outs.items():
+            sub = subs[name] if name else cfg
+            model = create_model(sub.student, self.data.num_classes)
+            model.load_state_dict(torch.load(out / "student_best.pt", map_location="cpu", weights_only=True))
+            model.to(self.device)
+            record = guardrails.check_student(model, self.check_split, self.data.num_classes, self.device,
+                                              split_name=self.check_split_name)
+            record["degenerate"] = bool(record["at_chance"])
+            checks[name] = record
+            if record["degenerate"]:
+                failures.append(guardrails.degenerate_message(name, record, self.data.num_classes))
+        if failures and not cfg.allow_degenerate:
+            raise guardrails.DegenerateStudent("; ".join(failures))
+        for message in failures:
+            self.warn(f"DEGENERATE STUDENT (kept: allow_degenerate): {message}")
+        return checks
+
     def trainer(self, cfg: DistillConfig, out: Path, on_event: EventFn | None) -> Trainer:
         method = cfg.build_method(self.data.num_classes)
         torch.manual_seed(cfg.seed)  # the student's initial weights are a function of the seed
@@ -360,14 +284,17 @@ class _Inputs:
         train_cfg = TrainConfig(epochs=method.epochs, milestones=tuple(method.milestones),
                                 batch_size=cfg.batch_size, seed=cfg.seed, deterministic=cfg.deterministic,
                                 amp=cfg.amp, channels_last=cfg.channels_last, val_eps=cfg.eval_eps,
-                                device=str(self.device), val_batch_size=cfg.eval_batch_size)
+                                device=str(self.device), val_batch_size=cfg.eval_batch_size, lr=cfg.lr,
+                                warmup_epochs=cfg.warmup_epochs, collapse_patience=cfg.collapse_patience)
         return Trainer(train_cfg, method, student, self.teacher if method.needs_teacher else None, self.data,
                        out, on_event=on_event, should_stop=self.should_stop)
 
-    def report(self, cfg: DistillConfig, fit: dict[str, Any], out: Path, started: float) -> dict[str, Any]:
-        """Evaluate the best and the last checkpoint on the test split; the run's report."""
+    def report(self, cfg: DistillConfig, fit: dict[str, Any], out: Path, started: float,
+               check: dict[str, Any]) -> dict[str, Any]:
+        """Evaluate the best and the last checkpoint on the test split; the run's report. Its first keys
+        say whether the student is degenerate and what went wrong (``warnings``)."""
         final: dict[str, Any] = {}
-        warnings = list(self.warnings)
+        warnings = list(self.warnings) + [w for w in fit.get("warnings", []) if w not in self.warnings]
         last_epoch = fit["history"][-1]["epoch"] if fit["history"] else None
         for which, epoch in (("last", last_epoch), ("best", fit["best"]["epoch"])):
             if which == "best" and epoch == last_epoch:
@@ -383,15 +310,17 @@ class _Inputs:
                 warnings.append(f"{which} checkpoint: {message}")
                 _emit(self.on_event, {"type": "warning", "message": warnings[-1]})
         return _finite({
-            "config": cfg.to_dict(),
+            "degenerate_student": bool(check["degenerate"]),
+            "warnings": warnings,
+            "config": public_config(cfg),
             "train_config": fit["config"],
+            "student_check": check,
             "dataset": dataset_info(self.data),
             "teacher": self.teacher_info,
             "history": fit["history"],
             "best_selected_on": fit["best"]["metric"],
             "resumed_from_epoch": fit["resumed_from"],
             "final": final,
-            "warnings": warnings,
             "versions": versions(),
             "seconds": round(time.monotonic() - started, 3),
         })
@@ -417,7 +346,7 @@ def run_evaluation(model_path: str | os.PathLike, *, arch: str | None = None, no
         raise ConfigError(f"eps must be a number in (0, 1] (8/255 = {8 / 255:.5f}), got {eps!r}")
     _check_attacks(attacks)
     if n_examples is not None:
-        _check_int("n_examples", n_examples, 1)
+        _check_int("n_examples", n_examples, *LIMITS["n_eval"])
     if not Path(model_path).is_file():  # fail before loading the data
         raise ModelLoadError(f"model file {str(model_path)!r} does not exist or is not a file")
     dev = resolve_device(device)

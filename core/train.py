@@ -29,13 +29,42 @@ from core.data import DatasetBundle, Split, iterate_batches
 from core.device import autocast, depthwise_in_fp32, memory_format, resolve_device
 from core.errors import Cancelled, ConfigError
 from core.fold import FoldedEval
+from core.guardrails import CollapseDetector
 from core.methods import Batch, Method
 
 EventFn = Callable[[dict[str, Any]], None]
 StopFn = Callable[[], bool]
 
 # Settings that change the trained weights: a checkpoint made with other values is another run.
-_RUN_KEYS = ("epochs", "milestones", "batch_size", "lr", "momentum", "weight_decay", "seed")
+_RUN_KEYS = ("epochs", "milestones", "batch_size", "lr", "warmup_epochs", "momentum", "weight_decay", "seed")
+# Defaults of run keys that older checkpoints did not record.
+_RUN_KEY_DEFAULTS = {"warmup_epochs": 0}
+
+# The methods' reference learning rate and the batch size it was tuned for (every method here trains
+# with SGD lr 0.1 at batch 128). Another batch size scales it linearly (Goyal et al. 2017, "Accurate,
+# Large Minibatch SGD"): a batch of 64 takes half as large a step, as it averages half as many gradients.
+REFERENCE_LR, REFERENCE_BATCH = 0.1, 128
+MAX_AUTO_WARMUP = 5  # epochs of warm-up when the linear rule raises the lr (batch > 128), at most
+
+
+def resolve_lr(lr: float | None, batch_size: int) -> tuple[float, str]:
+    """(the learning rate, why): ``lr`` when given, else the reference lr scaled by batch_size / 128."""
+    if lr is not None:
+        return float(lr), "set explicitly"
+    if batch_size == REFERENCE_BATCH:
+        return REFERENCE_LR, f"reference: {REFERENCE_LR:g} at batch {REFERENCE_BATCH}"
+    return (REFERENCE_LR * batch_size / REFERENCE_BATCH,
+            f"linear: {REFERENCE_LR:g} x {batch_size}/{REFERENCE_BATCH}")
+
+
+def resolve_warmup(warmup_epochs: int | None, lr: float | None, batch_size: int, epochs: int) -> int:
+    """Warm-up epochs: as given; else none, unless the linear rule raised the lr above the reference
+    (batch > 128, lr not set): then min(5, epochs // 10), the large-batch recipe's gradual warm-up."""
+    if warmup_epochs is not None:
+        return int(warmup_epochs)
+    if lr is None and batch_size > REFERENCE_BATCH:
+        return min(MAX_AUTO_WARMUP, epochs // 10)
+    return 0
 
 
 @dataclass
@@ -58,7 +87,8 @@ class TrainConfig:
     epochs: int | None = None            # None: the method's epochs
     milestones: tuple[int, ...] | None = None   # None: the method's, scaled to ``epochs``
     batch_size: int = 128
-    lr: float = 0.1
+    lr: float | None = None              # None: 0.1 x batch_size / 128 (``resolve_lr``)
+    warmup_epochs: int | None = None     # linear warm-up per step; None: ``resolve_warmup``
     momentum: float = 0.9
     weight_decay: float = 2e-4
     seed: int = 0
@@ -74,6 +104,7 @@ class TrainConfig:
     val_batch_size: int = 256
     train_eval_size: int = 1000          # train accuracy: on this many un-augmented training images
     device: str = "auto"
+    collapse_patience: int = 3           # epochs at chance before the collapse warning; 0: off
 
 
 def bf16_supported(device: torch.device) -> bool:
@@ -227,19 +258,29 @@ class Trainer:
         self.teacher = teacher.to(self.device).eval() if teacher is not None else None
         if self.teacher is not None:
             self.teacher.to(memory_format=self.teacher_memory_format)
-        self.optimizer = torch.optim.SGD(self.student.parameters(), lr=config.lr, momentum=config.momentum,
+        self.lr, self.lr_rule = resolve_lr(config.lr, config.batch_size)
+        self.warmup_epochs = resolve_warmup(config.warmup_epochs, config.lr, config.batch_size, self.epochs)
+        if not (math.isfinite(self.lr) and self.lr > 0) or self.warmup_epochs < 0:
+            raise ConfigError(f"lr must be > 0 and warmup_epochs >= 0, got {self.lr!r}, "
+                              f"{self.warmup_epochs!r}")
+        self.optimizer = torch.optim.SGD(self.student.parameters(), lr=self.lr, momentum=config.momentum,
                                          weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, list(self.milestones), 0.1)
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] = {"epoch": None, "metric": self.select_on, "value": -math.inf}
         self.start_epoch = 0
         self._progress = ProgressMeter(self.epochs, 0, self.on_event)  # start() resets it on resume
+        self.warnings: list[str] = []
+        train_n = min(_size(self.train_split), config.train_eval_size)
+        self.collapse = CollapseDetector(data.num_classes, train_n, _size(self.val_split),
+                                         config.collapse_patience)
 
     # ----- the public loop -----------------------------------------------------------------------------
 
     def resolved(self) -> dict[str, Any]:
         """The config with every auto value filled in: what this run actually does (stored and reported)."""
         cfg = asdict(self.config)
+        cfg.update(lr=self.lr, lr_rule=self.lr_rule, warmup_epochs=self.warmup_epochs)
         cfg.update(epochs=self.epochs, milestones=list(self.milestones), val_eps=self.val_eps, amp=self.amp,
                    teacher_amp=self.teacher_amp, channels_last=self.channels_last, device=str(self.device),
                    depthwise_fp32=self.depthwise_fp32, fold_bn=self.fold_bn,
@@ -269,7 +310,7 @@ class Trainer:
 
     def result(self) -> dict[str, Any]:
         return {"history": self.history, "best": dict(self.best), "config": self.resolved(),
-                "resumed_from": self.start_epoch}
+                "resumed_from": self.start_epoch, "warnings": list(self.warnings)}
 
     # ----- one epoch -----------------------------------------------------------------------------------
 
@@ -310,6 +351,7 @@ class Trainer:
 
     def begin_epoch(self, epoch: int) -> None:
         self._attack_gen = torch.Generator(device=self.device).manual_seed(_mix(self.config.seed, epoch, 1))
+        self._epoch_lr = self.optimizer.param_groups[0]["lr"]  # the schedule's lr; warm-up scales it per step
         self._sums: dict[str, float] = {}
         self._seen = 0
         self.student.train()
@@ -319,15 +361,32 @@ class Trainer:
         batch.generator = self._attack_gen
         loss, logs = self.method.loss(self.student, batch, epoch=epoch)
         if not torch.isfinite(loss):
-            raise ConfigError(f"the loss is {float(loss)} at epoch {epoch + 1} step {step}: training "
-                              "diverged; lower the learning rate or turn amp off")
+            raise ConfigError(
+                f"the loss is {float(loss)} at epoch {epoch + 1} step {step}: training diverged. Lower the "
+                f"learning rate (lr {self._epoch_lr:.3g}, {self.lr_rule}; set lr / --lr), add warm-up epochs "
+                "(warmup_epochs / --warmup-epochs), or turn amp off (amp=false / --no-amp)")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        warm = self._warmup_factor(epoch, step)
+        if warm < 1.0:  # the scheduled lr is put back after the step: the schedule never sees warm-up
+            for group in self.optimizer.param_groups:
+                group["lr"] = self._epoch_lr * warm
         self.optimizer.step()
+        if warm < 1.0:
+            for group in self.optimizer.param_groups:
+                group["lr"] = self._epoch_lr
         n = len(batch.y)
         self._seen += n
         for k, v in logs.items():
             self._sums[k] = self._sums.get(k, 0.0) + v * n
+
+    def _warmup_factor(self, epoch: int, step: int) -> float:
+        """Linear warm-up: step s of W warm-up epochs' steps uses s / (W x steps) of the lr (a pure
+        function of (epoch, step), so a resumed run warms up exactly as the uninterrupted one)."""
+        if epoch >= self.warmup_epochs:
+            return 1.0
+        steps = self.steps_per_epoch()
+        return (epoch * steps + step) / (self.warmup_epochs * steps)
 
     def end_epoch(self) -> dict[str, Any]:
         return {**{k: v / max(self._seen, 1) for k, v in self._sums.items()}, "images": self._seen}
@@ -337,6 +396,8 @@ class Trainer:
         """Train accuracy, validation, the schedule step, checkpoints and the epoch's events."""
         cfg = self.config
         metrics: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, **train}
+        if epoch < self.warmup_epochs:
+            metrics["warmup"] = True
         metrics["train_acc"] = self._accuracy(self.train_split, limit=cfg.train_eval_size)
         if self._validate_now(epoch):
             metrics.update(self._validate())
@@ -358,6 +419,10 @@ class Trainer:
         _atomic_save(self._checkpoint(epoch + 1), path)
         self.on_event({"type": "epoch", "epoch": epoch + 1, "epochs": self.epochs, "metrics": metrics})
         self.on_event({"type": "checkpoint", "epoch": epoch + 1, "path": str(path)})
+        message = self.collapse.check(self.history)
+        if message is not None:
+            self.warnings.append(message)
+            self.on_event({"type": "warning", "message": message})
 
     def _autocast(self):
         return autocast(self.device, self.amp)
@@ -439,7 +504,7 @@ class Trainer:
             raise ConfigError(f"cannot read {path} to resume ({exc}); delete it to start over") from exc
         saved, now = ckpt.get("config", {}), self.resolved()
         keys = [*_RUN_KEYS, "method", "method_params"]
-        diff = [k for k in keys if saved.get(k) != now.get(k)]
+        diff = [k for k in keys if saved.get(k, _RUN_KEY_DEFAULTS.get(k)) != now.get(k)]
         if diff:
             detail = ", ".join(f"{k}: {saved.get(k)!r} there, {now.get(k)!r} now" for k in diff)
             raise ConfigError(f"{self.out_dir} holds a checkpoint of a different run ({detail}); "
@@ -455,4 +520,8 @@ class Trainer:
         self.best = dict(ckpt["best"])
         self.history = list(ckpt["history"])
         self.start_epoch = int(ckpt["epoch"])
+        for end in range(1, len(self.history) + 1):  # the warnings of the epochs already done, not re-emitted
+            message = self.collapse.check(self.history[:end])
+            if message is not None:
+                self.warnings.append(message)
         return True

@@ -27,19 +27,26 @@ from core.fold import FoldedEval
 
 INITS = ("uniform", "normal", "none")
 
-# Range rules by parameter name, shared by every method so one name always means one thing.
+# Range rules by parameter name, shared by every method so one name always means one thing. Every
+# number has an upper bound too, so that a request cannot ask for 10**100 attack steps or epochs.
+MAX_EPOCHS = 1000
+MAX_STEPS = 1000          # PGD steps of the inner maximisation
+MAX_MILESTONES = 100
+MAX_WEIGHT = 1000.0       # loss weights and scales (beta, kl_scale, ...) and temperatures
 _FLOAT_RANGES: dict[str, tuple[float, float]] = {
     "eps": (0.0, 1.0),
     "step_size": (0.0, 1.0),
     "alpha": (0.0, 1.0),  # ARD/IAD: (1 - alpha) weights the CE term, so alpha > 1 would reward error
     "smoothing": (0.0, 1.0),
-    "beta": (0.0, math.inf),
-    "adv_weight": (0.0, math.inf),
-    "nat_weight": (0.0, math.inf),
-    "kl_scale": (0.0, math.inf),
+    "beta": (0.0, MAX_WEIGHT),
+    "adv_weight": (0.0, MAX_WEIGHT),
+    "nat_weight": (0.0, MAX_WEIGHT),
+    "kl_scale": (0.0, MAX_WEIGHT),
+    "temperature": (0.0, MAX_WEIGHT),
 }
+_DEFAULT_FLOAT_RANGE = (-MAX_WEIGHT, MAX_WEIGHT)  # a number without a rule of its own
 _POSITIVE = {"temperature"}
-_INT_MIN = {"steps": 0, "epochs": 1, "warmup_epochs": 0}
+_INT_RANGES = {"steps": (0, MAX_STEPS), "epochs": (1, MAX_EPOCHS), "warmup_epochs": (0, MAX_EPOCHS)}
 
 
 def full_precision(t: torch.Tensor) -> torch.Tensor:
@@ -233,12 +240,12 @@ class Method:
             return value
         if key == "milestones":
             return _as_milestones(name, value)
-        if key in _INT_MIN:
-            return _as_int(name, key, value, _INT_MIN[key])
+        if key in _INT_RANGES:
+            return _as_int(name, key, value, *_INT_RANGES[key])
         number = _as_float(name, key, value)
         if key in _POSITIVE and number <= 0:
             raise ConfigError(f"method {name!r}: {key} must be > 0, got {value!r}")
-        low, high = _FLOAT_RANGES.get(key, (-math.inf, math.inf))
+        low, high = _FLOAT_RANGES.get(key, _DEFAULT_FLOAT_RANGE)
         if not low <= number <= high:
             raise ConfigError(f"method {name!r}: {key} must lie in [{low}, {high}], got {value!r}")
         return number
@@ -254,20 +261,23 @@ def _as_float(method: str, key: str, value: Any) -> float:
     return float(value)
 
 
-def _as_int(method: str, key: str, value: Any, minimum: int) -> int:
+def _as_int(method: str, key: str, value: Any, minimum: int, maximum: int = MAX_EPOCHS) -> int:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"method {method!r}: {key} must be an integer, got {value!r}")
-    if value < minimum:
-        raise ConfigError(f"method {method!r}: {key} must be >= {minimum}, got {value!r}")
+    if not minimum <= value <= maximum:
+        raise ConfigError(f"method {method!r}: {key} must be an integer in [{minimum}, {maximum}], "
+                          f"got {value!r}")
     return value
 
 
 def _as_milestones(method: str, value: Any) -> tuple[int, ...]:
     if not isinstance(value, (list, tuple)):
         raise ConfigError(f"method {method!r}: milestones must be a list of epochs, got {value!r}")
-    ms = tuple(_as_int(method, "milestones", m, 1) for m in value)
+    if len(value) > MAX_MILESTONES:
+        raise ConfigError(f"method {method!r}: at most {MAX_MILESTONES} milestones, got {len(value)}")
+    ms = tuple(_as_int(method, "milestones", m, 1, MAX_EPOCHS) for m in value)
     if any(b <= a for a, b in zip(ms, ms[1:], strict=False)):
         raise ConfigError(f"method {method!r}: milestones must be strictly increasing, got {list(value)}")
     return ms

@@ -128,7 +128,8 @@ def test_cancel_is_prompt_and_leaves_no_checkpoint(tmp_path: Path, data) -> None
 def test_milestones_scale_with_epochs(tmp_path: Path, data) -> None:
     trainer = make_trainer(tmp_path, data)
     assert trainer.milestones == (2,)  # RSLAD's 215/260/285 of 300, scaled to 3 epochs
-    assert [m["lr"] for m in trainer.fit()["history"]] == pytest.approx([0.1, 0.1, 0.01])
+    # batch 16: the reference lr 0.1 (batch 128) scaled by the linear rule to 0.0125
+    assert [m["lr"] for m in trainer.fit()["history"]] == pytest.approx([0.0125, 0.0125, 0.00125])
     thirty = Trainer(
         TrainConfig(device="cpu"),
         create_method("rslad", epochs=30),
