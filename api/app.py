@@ -23,6 +23,7 @@ from api.streams import StreamSlots
 from api.uploads import BodySizeLimit
 from core.errors import UserError
 from service.auth import ensure_dev_key
+from service.cleanup import periodic_cleanup
 from service.db import make_engine, make_session_factory, upgrade_to_head
 from service.jobs import IllegalTransition
 from service.polling import StatusPoller
@@ -95,7 +96,10 @@ def create_app(
         app.state.db_gate = asyncio.Semaphore(connections)  # see api.deps.get_session
         if settings.is_sqlite:
             await run_in_threadpool(_prepare_embedded, app)
+        # Scratch folders and incomplete uploads of requests that died with an earlier process.
+        cleaner = asyncio.create_task(periodic_cleanup(settings.upload_dir, app.state.store))
         yield
+        cleaner.cancel()
         model_check.shutdown()
         await poller.close()
         engine.dispose()

@@ -12,7 +12,7 @@ inconclusive and decides nothing.
   CIFAR-100 statistics), it is a misread teacher: the job fails with a message naming normalisation.
   Well below an accuracy its uploader claimed, it is a warning.
 - ``CollapseDetector``: during training, ``patience`` epochs with train and validation accuracy at chance
-  and a loss that has not fallen by ``LOSS_DROP`` since the first epoch raise a warning.
+  and a loss that fell by less than ``LOSS_DROP`` over them raise a warning.
 - ``check_student``: at the end, a best checkpoint at chance is a degenerate student (``DegenerateStudent``).
 
 Everything here takes a loaded model and a ``Split``, so it runs as well in a child process of the API
@@ -193,11 +193,15 @@ class CollapseDetector:
     """Watches a run's history for a student that learns nothing; one warning per run.
 
     Collapse at epoch k: the last ``patience`` epochs all have train accuracy and (when measured)
-    validation clean accuracy at chance, and epoch k's loss is above (1 - LOSS_DROP) x epoch 1's loss.
+    validation clean accuracy at chance, and the loss has stopped falling over them (epoch k's loss is
+    above (1 - LOSS_DROP) x the loss of the window's first epoch). The window, not epoch 1: a collapsed
+    student's loss still drops at first, to the loss of its constant prediction, and then stays there.
     """
 
-    def __init__(self, num_classes: int, train_n: int, val_n: int, patience: int = 3) -> None:
+    def __init__(self, num_classes: int, train_n: int, val_n: int, patience: int = 3,
+                 lr_note: str = "") -> None:
         self.num_classes, self.train_n, self.val_n, self.patience = num_classes, train_n, val_n, patience
+        self.lr_note = lr_note  # e.g. "lr 0.1, set explicitly": the run's lr and where it came from
         self.warned = False
 
     def _epoch_at_chance(self, m: dict[str, Any]) -> bool:
@@ -215,19 +219,20 @@ class CollapseDetector:
         recent = history[-self.patience:]
         if not all(self._epoch_at_chance(m) for m in recent):
             return None
-        first, last = history[0].get("loss"), history[-1].get("loss")
+        first, last = recent[0].get("loss"), recent[-1].get("loss")
         if first is None or last is None or not math.isfinite(first) or not math.isfinite(last):
             return None
-        if last < first - LOSS_DROP * abs(first):
+        if last < first - LOSS_DROP * abs(first):  # still falling: it may yet learn
             return None
         self.warned = True
         m = history[-1]
+        lr = self.lr_note or f"lr {m['lr']:.3g}"
         val = f", validation {m['val_clean_acc']:.1%}" if m.get("val_clean_acc") is not None else ""
         return (f"the student has not learnt for {self.patience} epochs (to epoch {m['epoch']}): train "
                 f"accuracy {m['train_acc']:.1%}{val} are at chance ({1 / self.num_classes:.1%} for "
                 f"{self.num_classes} classes) and the loss went from {first:.4g} to {last:.4g}; it has "
-                f"probably collapsed to a constant prediction: lower the learning rate (lr {m['lr']:.3g}), "
-                "check the teacher, or add warm-up epochs")
+                f"probably collapsed to a constant prediction: lower the learning rate ({lr}; lr / --lr), "
+                "add warm-up epochs, or check the teacher")
 
 
 def check_student(model: nn.Module, split: Split, num_classes: int, device: str | torch.device,

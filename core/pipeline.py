@@ -247,6 +247,7 @@ class _Inputs:
                                          normalize=normalize, claimed_accuracy=cfg.teacher_claimed_accuracy,
                                          split_name=self.check_split_name)
         self.teacher_info["check"] = check.record
+        _emit(self.on_event, {"type": "teacher_check", **check.record})
         for message in check.warnings:
             self.warn(f"teacher check: {message}")
         if check.failure is not None:

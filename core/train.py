@@ -273,7 +273,8 @@ class Trainer:
         self.warnings: list[str] = []
         train_n = min(_size(self.train_split), config.train_eval_size)
         self.collapse = CollapseDetector(data.num_classes, train_n, _size(self.val_split),
-                                         config.collapse_patience)
+                                         config.collapse_patience,
+                                         lr_note=f"lr {self.lr:.3g}, {self.lr_rule}")
 
     # ----- the public loop -----------------------------------------------------------------------------
 
@@ -362,9 +363,9 @@ class Trainer:
         loss, logs = self.method.loss(self.student, batch, epoch=epoch)
         if not torch.isfinite(loss):
             raise ConfigError(
-                f"the loss is {float(loss)} at epoch {epoch + 1} step {step}: training diverged. Lower the "
-                f"learning rate (lr {self._epoch_lr:.3g}, {self.lr_rule}; set lr / --lr), add warm-up epochs "
-                "(warmup_epochs / --warmup-epochs), or turn amp off (amp=false / --no-amp)")
+                f"the loss is {float(loss.detach())} at epoch {epoch + 1} step {step}: training diverged. "
+                f"Lower the learning rate (lr {self._epoch_lr:.3g}, {self.lr_rule}; set lr / --lr), add "
+                "warm-up epochs (warmup_epochs / --warmup-epochs), or turn amp off (amp=false / --no-amp)")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         warm = self._warmup_factor(epoch, step)

@@ -37,10 +37,9 @@ from worker.celery_app import app
 from worker.lease import (
     ACTIVE_STATUSES,
     WorkerSettings,
-    failed_too_often,
     is_stale,
     lose_worker,
-    mark_enqueued,
+    retry_or_fail,
     touch,
 )
 
@@ -406,39 +405,18 @@ class JobRun:
         log.info("job %s: succeeded in %.1f s", self.job_id, report.get("seconds") or 0.0)
 
     def _retry_or_fail(self, error: str) -> str:
-        """An unexpected error (not a UserError: a store or database hiccup, a crash in the code) ended
-        this attempt: requeue the job to resume from its checkpoint, until RD_MAX_ATTEMPTS attempts have
-        ended so; then fail it, saying so. A lost worker is not counted here (see worker/lease.py)."""
+        """The job's own unexpected error ended this attempt: retry from the checkpoint, or give up."""
         try:
             with session_scope(self.sessions) as session:
-                job = session.get(Job, self.job_id, with_for_update=True)
-                if job is None or job.is_terminal or job.attempts != self.attempt:
-                    return "lost lease"
-                failed = job.failed_attempts + 1
-                session.execute(
-                    sa.update(Job)
-                    .where(Job.id == self.job_id)
-                    .values(failed_attempts=failed)
-                    .execution_options(synchronize_session=False)
-                )
-                if job.cancel_requested or failed >= self.ws.max_attempts:
-                    final = error if job.cancel_requested else failed_too_often(failed, error)
-                    transition(session, job, "failed", error=final)
-                    log.info("job %s: failed: %s", self.job_id, final)
-                    return "failed"
-                retries = self.ws.max_attempts - 1
-                note = f"attempt {self.attempt} failed ({error}); retry {failed} of {retries}"
-                dedupe = f"retry:{self.attempt}"
-                add_event(session, self.job_id, "warning", {"message": note}, dedupe_key=dedupe)
-                transition(session, job, "queued")
-                mark_enqueued(session, self.job_id)
+                outcome = retry_or_fail(session, self.job_id, self.attempt, error, self.ws.max_attempts)
         except IllegalTransition:
             return "moved meanwhile"
-        try:
-            CeleryQueue(self.settings).enqueue(self.job_id)
-        except Exception:  # the reaper sends queued jobs without a message again
-            log.exception("job %s: requeued for a retry but the broker refused the message", self.job_id)
-        return "retrying"
+        if outcome == "retrying":
+            try:
+                CeleryQueue(self.settings).enqueue(self.job_id)
+            except Exception:  # the reaper sends queued jobs without a message again
+                log.exception("job %s: requeued for a retry but the broker refused the message", self.job_id)
+        return outcome
 
     def _finish(self, status: str, *, error: str | None, note: str | None = None) -> None:
         """Record a terminal status unless another attempt took the job (or it already ended)."""
