@@ -9,7 +9,9 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 from urllib.parse import urlparse
@@ -70,6 +72,7 @@ class ObjectStore(Protocol):
     def presigned_url(self, key: str, expires_s: int) -> str | None: ...
     def ping(self) -> None: ...
     def list_keys(self, prefix: str = "") -> list[str]: ...
+    def abort_incomplete(self, older_than_s: float) -> int: ...
 
 
 def _atomic_copy(stream: BinaryIO, dest: Path) -> None:
@@ -147,6 +150,20 @@ class LocalStore:
             return []
         keys = (p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file())
         return sorted(k for k in keys if k.startswith(prefix) and not Path(k).name.startswith(".tmp-"))
+
+    def abort_incomplete(self, older_than_s: float) -> int:
+        """Delete the half-written ``.tmp-*`` files of writers that died (older than ``older_than_s``)."""
+        if not self.root.is_dir():
+            return 0
+        cutoff, removed = time.time() - older_than_s, 0
+        for path in self.root.rglob(".tmp-*"):
+            try:
+                if path.is_file() and path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:  # finished or removed meanwhile
+                continue
+        return removed
 
 
 def _iter_file(f: BinaryIO, chunk: int) -> Iterator[bytes]:
@@ -266,6 +283,33 @@ class S3Store:
         for page in pages:
             keys.extend(item["Key"][len(base) :] for item in page.get("Contents", []))
         return sorted(keys)
+
+    def abort_incomplete(self, older_than_s: float) -> int:
+        """Abort the multipart uploads under this store's prefix begun over ``older_than_s`` ago: the parts
+        a writer uploaded before it died (an API killed during a large put) take space until aborted.
+        Younger uploads may still be in progress in another process and are left alone."""
+        from botocore.exceptions import ClientError
+
+        base = f"{self.prefix}/" if self.prefix else ""
+        cutoff = datetime.now(timezone.utc) - timedelta(seconds=older_than_s)
+        stale: list[tuple[str, str]] = []
+        pages = self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=base)
+        for page in pages:
+            for upload in page.get("Uploads", []):
+                initiated = upload.get("Initiated")
+                if initiated is not None and initiated.tzinfo is None:
+                    initiated = initiated.replace(tzinfo=timezone.utc)
+                if initiated is not None and initiated < cutoff:
+                    stale.append((upload["Key"], upload["UploadId"]))
+        aborted = 0
+        for key, upload_id in stale:
+            try:
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+                aborted += 1
+            except ClientError as exc:  # completed or aborted meanwhile (another API process)
+                if str(exc.response.get("Error", {}).get("Code", "")) != "NoSuchUpload":
+                    raise
+        return aborted
 
 
 def _iter_body(body: Any, chunk: int) -> Iterator[bytes]:

@@ -23,8 +23,11 @@ gives up says which bound it reached.
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
+import time
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -33,7 +36,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.db import make_engine, make_session_factory, session_scope
 from service.jobs import IllegalTransition, add_event, transition
-from service.models import Job, utcnow
+from service.models import ROW_ID, Job, utcnow
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -114,6 +117,33 @@ def lose_worker(session: Any, job: Job, max_lost_workers: int, message: str) -> 
         transition(session, job, "queued")
         mark_enqueued(session, job.id)
     return job.status
+
+
+def retry_or_fail(session: Any, job_id: str, attempt: int, error: str, max_attempts: int) -> str:
+    """Attempt ``attempt`` ended in the job's own unexpected error (not a UserError: a store or database
+    hiccup, a crash in the code): requeue the job to resume from its checkpoint until ``max_attempts``
+    attempts have ended so, then fail it saying so. Returns "retrying" (the caller sends the message
+    after committing), "failed", or "lost lease" when another attempt owns the job."""
+    job = session.get(Job, job_id, with_for_update=True)
+    if job is None or job.is_terminal or job.attempts != attempt:
+        return "lost lease"
+    failed = job.failed_attempts + 1
+    session.execute(
+        sa.update(Job)
+        .where(Job.id == job_id)
+        .values(failed_attempts=failed)
+        .execution_options(synchronize_session=False)
+    )
+    if job.cancel_requested or failed >= max_attempts:
+        final = error if job.cancel_requested else failed_too_often(failed, error)
+        transition(session, job, "failed", error=final)
+        log.info("job %s: failed: %s", job_id, final)
+        return "failed"
+    note = f"attempt {attempt} failed ({error}); retry {failed} of {max_attempts - 1}"
+    add_event(session, job_id, "warning", {"message": note}, dedupe_key=f"retry:{attempt}")
+    transition(session, job, "queued")
+    mark_enqueued(session, job_id)
+    return "retrying"
 
 
 def mark_enqueued(session: Any, job_id: str) -> None:
@@ -213,6 +243,41 @@ def resend_queued(
     return sent
 
 
+def clean_work_dir(session_factory: Any, work_dir: Path, stale_after_s: float) -> list[str]:
+    """Remove the scratch folders (``<work>/<job id>``) that no live attempt on this machine uses.
+
+    A SIGKILLed worker leaves its job's folder behind (teacher, dataset, checkpoints). A folder is kept
+    while its job is running or evaluating under a fresh lease (a sibling worker sharing the folder), and
+    while it is younger than a lease period (an attempt that has just claimed its job and is filling it).
+    Other names in the folder (the API's ``uploads``) are not the worker's and are left alone.
+    """
+    if not work_dir.is_dir():
+        return []
+    cutoff = time.time() - stale_after_s
+    candidates: list[Path] = []
+    for folder in work_dir.iterdir():
+        try:
+            if ROW_ID.match(folder.name) and folder.is_dir() and folder.stat().st_mtime < cutoff:
+                candidates.append(folder)
+        except FileNotFoundError:
+            continue
+    if not candidates:
+        return []
+    with session_scope(session_factory) as session:
+        rows = session.execute(
+            sa.select(Job.id, Job.status, Job.updated_at).where(Job.id.in_([f.name for f in candidates]))
+        ).all()
+    live = {r.id for r in rows if r.status in ACTIVE_STATUSES and not is_stale(r.updated_at, stale_after_s)}
+    removed = []
+    for folder in candidates:
+        if folder.name not in live:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder.name)
+    if removed:
+        log.warning("removed %d scratch folder(s) of attempts that died: %s", len(removed), removed)
+    return removed
+
+
 class Reaper(threading.Thread):
     """A daemon thread in the worker's parent process; it never touches torch."""
 
@@ -233,6 +298,8 @@ class Reaper(threading.Thread):
                 ws = self.worker_settings
                 reap_once(factory, queue.enqueue, ws.stale_after_s, ws.max_lost_workers)
                 resend_queued(factory, queue.enqueue, queue.waiting_ids, ws.requeue_queued_after_s)
+                if self.settings.work_dir is not None:
+                    clean_work_dir(factory, Path(self.settings.work_dir), ws.stale_after_s)
             except Exception:
                 log.exception("reaper pass failed; trying again in %g s", self.worker_settings.reap_every_s)
             self.stopping.wait(self.worker_settings.reap_every_s)

@@ -5,7 +5,9 @@ was lost, workers killed again and again, and what dead requests leave in the bu
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -14,9 +16,33 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
 from api.app import create_app
+from bench.stack import redis_server
 from service.auth import create_api_key
 from service.models import Job, Teacher, Tenant
 from service.settings import Settings
+
+try:
+    from tests.integration.conftest_worker import WorkerServices, start_stack, worker_services
+except ImportError:  # pytest's default import mode puts this folder itself on sys.path
+    from conftest_worker import WorkerServices, start_stack, worker_services  # type: ignore[no-redef]
+
+__all__ = ["worker_services"]  # a fixture: imported so that pytest finds it
+
+# A job of a few seconds that needs no teacher.
+TINY_JOB = {
+    "student": "tiny_cnn",
+    "method": "sat",
+    "dataset": "cifar10-partial",
+    "epochs": 1,
+    "batch_size": 32,
+    "train_subset": 64,
+    "val_size": 0,
+    "method_params": {"steps": 1},
+    "attacks": ["clean"],
+    "n_eval": 32,
+    "device": "cpu",
+    "allow_degenerate": True,  # a few seconds of training is no better than chance; that is not the point
+}
 
 pytestmark = [
     pytest.mark.integration,
@@ -116,3 +142,73 @@ def test_a_job_created_while_its_teacher_is_deleted_never_loses_it(client: TestC
     assert client.delete(f"/v1/teachers/{teacher_id}", headers=headers).status_code == 204
     job = client.get(f"/v1/jobs/{job_id}", headers=headers).json()
     assert job["status"] == "cancelled" and job["teacher_id"] is None
+
+
+@pytest.mark.timeout(300)
+def test_a_job_whose_message_redis_lost_still_runs(worker_services: WorkerServices, tmp_path: Path) -> None:
+    """Redis restarted without persistence while no worker ran: the job's message is gone, the database
+    still says queued. A worker's reaper sends it again (RD_REQUEUE_QUEUED_AFTER_S) and it runs once."""
+    import redis
+
+    # A private redis-server (port 9 never answers), so emptying it disturbs nobody else.
+    with redis_server("redis://127.0.0.1:9/0", tmp_path / "redis") as (url, started):
+        assert started
+        services = WorkerServices({**worker_services.env, "RD_BROKER_URL": url}, worker_services.new_database)
+        (tmp_path / "stack").mkdir()
+        with start_stack(services, tmp_path / "stack") as stack:
+            stack.env["RD_REQUEUE_QUEUED_AFTER_S"] = "2"
+            job = stack.client.create_job(**TINY_JOB)
+            broker = redis.Redis.from_url(url)
+            assert broker.llen(stack.queue) == 1
+            broker.flushall()  # what a restart without persistence leaves
+            broker.close()
+            stack.start_worker()
+            deadline = time.monotonic() + 180
+            while (got := stack.client.get_job(job["id"]))["status"] in ("queued", "running", "evaluating"):
+                assert time.monotonic() < deadline, (got, stack.worker_log())
+                time.sleep(0.5)
+            assert got["status"] == "succeeded" and got["attempts"] == 1, (got["error"], stack.worker_log())
+
+
+def test_start_up_removes_what_dead_requests_left(
+    service_settings: Settings, s3: Any, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An API killed mid-upload leaves its scratch folder and the parts of a multipart put. The next
+    API process removes both at start-up (once older than their bounds) and leaves younger ones alone."""
+    import os
+
+    monkeypatch.setenv("RD_INCOMPLETE_UPLOAD_MAX_AGE_S", "3")
+    s3c = s3.client()
+
+    def begin_upload(key: str) -> str:
+        upload_id = s3c.create_multipart_upload(Bucket=s3_bucket, Key=key)["UploadId"]
+        s3c.upload_part(Bucket=s3_bucket, Key=key, UploadId=upload_id, PartNumber=1, Body=b"x" * (5 << 20))
+        return upload_id
+
+    def uploads() -> set[str]:
+        return {u["UploadId"] for u in s3c.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", [])}
+
+    dead_upload = begin_upload("tenants/t/teachers/dead/teacher.pt")
+    scratch = service_settings.upload_dir
+    dead, live = scratch / "upload-dead", scratch / "upload-live"
+    for folder in (dead, live):
+        folder.mkdir(parents=True)
+        (folder / "teacher.pt").write_bytes(b"x" * 1000)
+    two_hours_ago = time.time() - 7200
+    for path in (dead / "teacher.pt", dead):
+        os.utime(path, (two_hours_ago, two_hours_ago))
+    time.sleep(4)
+    young_upload = begin_upload("tenants/t/teachers/live/teacher.pt")
+    try:
+        app = create_app(service_settings, enqueue=lambda job_id: None, revoke=lambda job_id: None)
+        with TestClient(app):
+            deadline = time.monotonic() + 20
+            while dead.exists() or dead_upload in uploads():
+                assert time.monotonic() < deadline, "the start-up clean-up did not run"
+                time.sleep(0.2)
+        assert live.is_dir() and (live / "teacher.pt").is_file()
+        assert young_upload in uploads()
+    finally:
+        s3c.abort_multipart_upload(
+            Bucket=s3_bucket, Key="tenants/t/teachers/live/teacher.pt", UploadId=young_upload
+        )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -13,7 +14,7 @@ from service.db import make_engine, make_session_factory, session_scope, upgrade
 from service.models import Job, JobEvent, JobMetric, Teacher, Tenant, utcnow
 from service.queue import CeleryQueue
 from service.settings import Settings
-from worker.lease import WorkerSettings, reap_once, resend_queued, touch
+from worker.lease import WorkerSettings, clean_work_dir, reap_once, resend_queued, touch
 from worker.tasks import JobRun, finite
 
 
@@ -178,6 +179,23 @@ def test_the_jobs_own_errors_are_retried_then_fail_saying_so(settings: Settings,
         assert (job.status, job.attempts, job.failed_attempts, job.lost_workers) == ("failed", 2, 2, 4)
         assert job.error.startswith("internal error: OSError: the store hiccuped")
         assert "RD_MAX_ATTEMPTS" in job.error
+
+
+def test_worker_scratch_of_dead_attempts_is_removed(sessions, tmp_path: Path) -> None:
+    """A SIGKILLed worker leaves <work>/<job id> behind; the reaper removes it unless a live attempt
+    (fresh lease) or a just-started one (young folder) uses it. The API's uploads folder is not touched."""
+    dead = make_job(sessions, "running", attempts=1, age_s=300)
+    live = make_job(sessions, "running", attempts=1, age_s=1)
+    done = make_job(sessions, "succeeded", attempts=1)
+    starting = make_job(sessions, "running", attempts=1, age_s=300)
+    work = tmp_path / "work"
+    old = time.time() - 600
+    for name in (dead, live, done, "f" * 32, "uploads", starting):
+        (work / name / "out").mkdir(parents=True)
+        if name != starting:
+            os.utime(work / name, (old, old))
+    assert sorted(clean_work_dir(sessions, work, stale_after_s=30)) == sorted([dead, done, "f" * 32])
+    assert sorted(p.name for p in work.iterdir()) == sorted([live, "uploads", starting])
 
 
 def test_touch_is_fenced_by_the_attempt(sessions) -> None:
