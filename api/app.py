@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 import core
-from api import model_check
+from api import errors, model_check
 from api.routes import datasets, health, jobs, teachers
 from api.streams import StreamSlots
 from api.uploads import BodySizeLimit
@@ -52,12 +52,12 @@ def _location(loc: tuple[object, ...]) -> str:
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     """422 with a one-line ``detail`` naming every bad field, plus the structured list."""
-    errors = [
-        {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+    items = [
+        {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
         for e in exc.errors()
     ]
-    detail = "; ".join(f"{_location(tuple(e['loc']))}: {e['msg']}" for e in errors) or "invalid request"
-    return JSONResponse({"detail": detail, "errors": errors}, status_code=422)
+    detail = "; ".join(f"{_location(tuple(e['loc']))}: {e['msg']}" for e in items) or "invalid request"
+    return JSONResponse(errors.error_body(detail, items), status_code=422)
 
 
 async def _user_error(request: Request, exc: UserError) -> JSONResponse:
@@ -127,6 +127,7 @@ def create_app(
     app.add_exception_handler(UserError, _user_error)  # type: ignore[arg-type]
     app.add_exception_handler(IllegalTransition, _conflict)  # type: ignore[arg-type]
     app.add_exception_handler(ObjectNotFound, _missing_object)  # type: ignore[arg-type]
+    errors.install(app)  # HTTPExceptions in the same shape; the OpenAPI document declares it
     for module in (health, teachers, datasets, jobs):
         app.include_router(module.router)
     return app

@@ -11,11 +11,27 @@ JobStatus = Literal["queued", "running", "evaluating", "succeeded", "failed", "c
 ModelFormat = Literal["auto", "torchscript", "export", "state_dict", "safetensors"]
 
 
-class Message(BaseModel):
+class ErrorItem(BaseModel):
+    """One bad field of a request."""
+
+    loc: list[str | int] = Field(description="Where: location ('body', 'query', 'path', 'header') then keys")
+    msg: str
+    type: str = Field(description="A stable machine-readable kind, e.g. 'missing', 'int_parsing'")
+
+
+class ErrorOut(BaseModel):
+    """The one error body of the whole API (every 4xx and 5xx): ``detail`` is a sentence naming what to fix;
+    ``errors`` lists the bad fields one by one when the request did not validate."""
+
     detail: str
+    errors: list[ErrorItem] = Field(
+        default_factory=list, description="The bad fields, on request-validation 422s (absent otherwise)"
+    )
 
 
-NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": Message}}
+Message = ErrorOut  # the name the routes used before the shape had a list of errors
+
+NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorOut}}
 
 
 class Normalization(BaseModel):
@@ -188,6 +204,29 @@ class ArtifactList(BaseModel):
 class DownloadUrl(BaseModel):
     url: str
     expires_in: int | None = Field(description="Seconds the URL stays valid; null for an API URL")
+
+
+# GET /v1/jobs/{job_id}/artifacts/{name}: what comes back depends on the query, which OpenAPI cannot tie
+# to a content type, so the document says each case in words and gives every body its schema.
+ARTIFACT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The file itself: a `.json` artifact (report.json, NAME.report.json) as "
+        "application/json, any other as application/octet-stream. With `?presign=true`: a DownloadUrl "
+        "(application/json) instead.",
+        "content": {
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            "application/json": {
+                "schema": {
+                    "anyOf": [
+                        DownloadUrl.model_json_schema(),
+                        {"type": "object", "description": "The content of a .json artifact"},
+                    ]
+                }
+            },
+        },
+    },
+    307: {"description": "With `?redirect=true` on an S3 store: a presigned URL in Location"},
+}
 
 
 class Health(BaseModel):

@@ -20,6 +20,7 @@ from api.deps import ROW_ID, BearerDep, SessionDep, SettingsDep, StoreDep, Tenan
 from api.routes.datasets import ResolvedDataset, resolve_dataset
 from api.routes.teachers import tenant_teacher
 from api.schemas import (
+    ARTIFACT_RESPONSES,
     NOT_FOUND,
     ArtifactList,
     ArtifactOut,
@@ -167,14 +168,37 @@ def _find_idempotent(session: Session, tenant: Tenant, key: str) -> Job | None:
     return session.scalar(sa.select(Job).where(Job.tenant_id == tenant.id, Job.idempotency_key == key))
 
 
+def _replay(
+    existing: Job, teacher: Teacher | None, data: ResolvedDataset, params: dict[str, Any], response: Response
+) -> JobOut:
+    """A repeated Idempotency-Key: the first job (200) when the request resolves to the same job, else 422
+    as the IETF Idempotency-Key draft says for a key reused with another payload. The resolved job
+    (teacher, dataset, the full config with defaults) is compared, so spelling a default out is the same
+    request; nothing is stored to compare with."""
+    stored_like = json.loads(json.dumps(params))  # as the JSON column gives it back
+    wanted = (teacher.id if teacher else None, data.dataset_id, data.name, stored_like)
+    if (existing.teacher_id, existing.dataset_id, existing.dataset_name, existing.params) != wanted:
+        raise HTTPException(
+            422,
+            detail=f"Idempotency-Key {existing.idempotency_key!r} was already used for a different request "
+            f"(job {existing.id}); send a new key for a new job",
+        )
+    response.status_code = 200
+    return job_out(existing)
+
+
 @router.post(
     "",
     status_code=201,
     response_model=JobOut,
     responses={
-        200: {"model": JobOut, "description": "A job with this Idempotency-Key already exists"},
+        200: {"model": JobOut, "description": "This Idempotency-Key already made this job: the first job"},
         **NOT_FOUND,
-        422: {"model": Message},
+        422: {
+            "model": Message,
+            "description": "The request is invalid (`detail` names what to fix), or its Idempotency-Key "
+            "was already used for a different request",
+        },
         503: {"model": Message},
     },
 )
@@ -187,13 +211,14 @@ def create_job(
     settings: SettingsDep,
     idempotency_key: Annotated[str | None, Header(min_length=1, max_length=255)] = None,
 ) -> JobOut:
-    """Queue a distillation job. Repeating a request with the same Idempotency-Key returns the first job."""
-    if idempotency_key and (existing := _find_idempotent(session, tenant, idempotency_key)):
-        response.status_code = 200
-        return job_out(existing)
+    """Queue a distillation job. Repeating a request with the same Idempotency-Key returns the first job
+    (200); the same key with a different request is a 422."""
+    existing = _find_idempotent(session, tenant, idempotency_key) if idempotency_key else None
     teacher = tenant_teacher(session, tenant, body.teacher_id) if body.teacher_id else None
     data = resolve_dataset(session, settings, tenant, body.dataset)
     params, epochs = resolve_params(body, teacher, data, settings)
+    if existing is not None:
+        return _replay(existing, teacher, data, params, response)
 
     job = Job(
         tenant_id=tenant.id,
@@ -220,8 +245,7 @@ def create_job(
             raise HTTPException(
                 409, detail="the teacher or dataset was deleted while the job was created"
             ) from None
-        response.status_code = 200
-        return job_out(existing)
+        return _replay(existing, teacher, data, params, response)
 
     try:
         request.app.state.enqueue(job.id)
@@ -395,15 +419,7 @@ def list_artifacts(job_id: JobId, tenant: TenantDep, session: SessionDep) -> Art
 
 @router.get(
     "/{job_id}/artifacts/{name}",
-    responses={
-        **NOT_FOUND,
-        200: {
-            "content": {"application/octet-stream": {}},
-            "model": DownloadUrl,
-            "description": "The file, or with ?presign=true a download URL",
-        },
-        307: {"description": "With ?redirect=true on an S3 store: a presigned URL"},
-    },
+    responses={**NOT_FOUND, **ARTIFACT_RESPONSES},
 )
 def get_artifact(
     job_id: JobId,

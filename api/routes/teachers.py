@@ -75,7 +75,11 @@ def tenant_teacher(session: Session, tenant: Tenant, teacher_id: str) -> Teacher
     "",
     status_code=201,
     response_model=TeacherOut,
-    responses={413: {"model": Message}, 422: {"model": Message}},
+    responses={
+        404: {"model": Message, "description": "`dataset` names an upload this key does not have"},
+        413: {"model": Message},
+        422: {"model": Message},
+    },
 )
 async def upload_teacher(
     tenant: TenantDep,

@@ -728,37 +728,27 @@ def test_idempotency_key(
 def test_idempotency_race_is_settled_by_the_unique_constraint(
     client: TestClient, app: Any, queue: Recorder, alice: dict[str, str]
 ) -> None:
-    """Another request inserts the same key between our check and our insert: we answer with its job."""
+    """Another request inserted the same key after our check missed it: we answer with its job."""
     import api.routes.jobs as routes
 
+    headers = {**alice, "Idempotency-Key": "race"}
+    first = client.post("/v1/jobs", headers=headers, json=_job_body(None, method="sat"))
+    assert first.status_code == 201
     original = routes._find_idempotent
     calls = {"n": 0}
 
     def late(session: Any, tenant: Any, key: str) -> Any:
         calls["n"] += 1
-        if calls["n"] == 1:
-            with app.state.session_factory() as other:
-                other.add(
-                    Job(
-                        tenant_id=tenant.id,
-                        student_arch="tiny_cnn",
-                        method="sat",
-                        params={},
-                        idempotency_key=key,
-                    )
-                )
-                other.commit()
-            return None
-        return original(session, tenant, key)
+        return None if calls["n"] == 1 else original(session, tenant, key)  # the check misses it
 
     routes._find_idempotent = late
     try:
-        r = client.post(
-            "/v1/jobs", headers={**alice, "Idempotency-Key": "race"}, json=_job_body(None, method="sat")
-        )
+        r = client.post("/v1/jobs", headers=headers, json=_job_body(None, method="sat"))
     finally:
         routes._find_idempotent = original
-    assert r.status_code == 200 and queue.enqueued == []
+    assert calls["n"] == 2  # the unique constraint caught the second insert
+    assert r.status_code == 200 and r.json()["id"] == first.json()["id"]
+    assert queue.enqueued == [first.json()["id"]]
     assert _rows(app, Job) == 1
 
 
