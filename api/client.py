@@ -333,6 +333,13 @@ def _job_body(args: argparse.Namespace, teacher_id: str | None) -> dict[str, Any
         "attacks": args.attacks.split(",") if args.attacks else None,
         "n_eval": args.n_eval,
         "device": args.device,
+        "allow_degenerate": args.allow_degenerate,
+        # Guardrail settings the server defaults when they are not sent.
+        **{
+            key: getattr(args, key)
+            for key in ("lr", "warmup_epochs", "collapse_patience", "teacher_claimed_accuracy")
+            if getattr(args, key) is not None
+        },
     }
 
 
@@ -360,6 +367,13 @@ def _add_job_options(p: argparse.ArgumentParser, *, teacher: bool) -> None:
     p.add_argument("--attacks", help="comma-separated, e.g. clean,fgsm,pgd_sat,aa")
     p.add_argument("--n-eval", type=int, help="evaluate on the first N test images")
     p.add_argument("--device", default="auto")
+    p.add_argument("--lr", type=float, help="learning rate (default 0.1 x batch-size/128)")
+    p.add_argument("--warmup-epochs", type=int, help="linear lr warm-up epochs")
+    p.add_argument("--collapse-patience", type=int, help="epochs at chance before a warning (default 3)")
+    p.add_argument(
+        "--allow-degenerate", action="store_true", help="keep a student at chance level (flagged), not fail"
+    )
+    p.add_argument("--teacher-claimed-accuracy", type=float, help="the teacher's known clean accuracy")
     p.add_argument("--idempotency-key")
 
 
@@ -425,7 +439,22 @@ def _print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2))
 
 
+def _final_lines(job: dict[str, Any]) -> None:
+    """What the guardrails found, last on the terminal, where a user looks when the job ends."""
+    if job.get("teacher_accuracy") is not None:
+        print(f"teacher: {job['teacher_accuracy']:.1%} clean accuracy on the check images", file=sys.stderr)
+    for message in job.get("warnings") or []:
+        print(f"warning: {message}", file=sys.stderr)
+    if job.get("degenerate_student"):
+        print(
+            "DEGENERATE STUDENT: the best checkpoint is no better than guessing; its robust numbers are "
+            "meaningless (kept because of allow_degenerate)",
+            file=sys.stderr,
+        )
+
+
 def _finish(client: DistillClient, job: dict[str, Any]) -> int:
+    _final_lines(job)
     if job["status"] == "succeeded":
         return 0
     error = f": {job['error']}" if job.get("error") else ""
@@ -507,6 +536,7 @@ def _run(args: argparse.Namespace, client: DistillClient) -> int:
     line = _summary(client.report(job["id"]))
     if line:
         print(line, file=sys.stderr)
+    _final_lines(job)
     return 0
 
 

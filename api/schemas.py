@@ -119,6 +119,27 @@ class JobCreate(BaseModel):
     attacks: list[str] | None = Field(default=None, min_length=1, max_length=16)
     n_eval: int | None = Field(default=None, ge=1)
     device: str = Field(default="auto", max_length=16)
+    lr: float | None = Field(
+        default=None, gt=0, le=10, description="Learning rate; default 0.1 x batch_size / 128 (linear rule)"
+    )
+    warmup_epochs: int | None = Field(
+        default=None,
+        ge=0,
+        le=1000,
+        description="Linear lr warm-up epochs; default off (min(5, epochs/10) when the linear rule raises "
+        "the lr)",
+    )
+    collapse_patience: int = Field(
+        default=3, ge=0, le=1000, description="Epochs at chance with a flat loss before a warning; 0: off"
+    )
+    allow_degenerate: bool = Field(
+        default=False,
+        description="Keep a student (or teacher) at chance level instead of failing; flagged as "
+        "degenerate_student",
+    )
+    teacher_claimed_accuracy: float | None = Field(
+        default=None, gt=0, le=1, description="The teacher's known clean accuracy (well below it: a warning)"
+    )
     students: list[StudentSpec] | None = Field(
         default=None,
         min_length=1,
@@ -156,6 +177,15 @@ class JobOut(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     updated_at: datetime
+    warnings: list[str] = Field(
+        default_factory=list, description="What the guardrails and the evaluation found (also job events)"
+    )
+    teacher_accuracy: float | None = Field(
+        default=None, description="The teacher's clean accuracy measured before training (fraction)"
+    )
+    degenerate_student: bool = Field(
+        default=False, description="The student is no better than guessing (kept because of allow_degenerate)"
+    )
 
 
 class JobPage(BaseModel):

@@ -161,6 +161,11 @@ class Job(Base):
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    # Guardrails (core/guardrails.py, migration 0003): the job's warnings as the API shows them, the
+    # teacher's clean accuracy measured before training, and a degenerate student kept on request.
+    warnings: Mapped[list[str] | None] = mapped_column(sa.JSON)
+    teacher_accuracy: Mapped[float | None] = mapped_column(sa.Float)
+    degenerate_student: Mapped[bool] = mapped_column(default=False, server_default=sa.false())
 
     @property
     def is_terminal(self) -> bool:

@@ -201,6 +201,8 @@ class JobRun:
                 if teacher is None
                 else (teacher.object_key, teacher.arch, teacher.format, teacher.normalize_spec)
             )
+            if teacher is not None:  # the report names the teacher by these, never by a local path
+                params["teacher_id"], params["teacher_sha256"] = teacher.id, teacher.sha256
             dataset_key = None if dataset is None else dataset.object_key
             if job.teacher_id and teacher is None:
                 from core.errors import ModelLoadError
@@ -358,11 +360,23 @@ class JobRun:
                 set_progress(session, self.job_id, {**(job.progress or {}), "fraction": 1.0, "eta_s": None})
         elif kind == "warning":
             message = str(event.get("message", ""))
+            if event.get("student"):  # as the several-student report words it
+                message = f"{event['student']}: {message}"
             digest = hashlib.sha1(message.encode()).hexdigest()[:16]
             with self._write() as session:
                 add_event(
                     session, self.job_id, "warning", {"message": message}, dedupe_key=f"warning:{digest}"
                 )
+                job = session.get(Job, self.job_id)
+                if job is not None and message not in (job.warnings or []) and len(job.warnings or []) < 100:
+                    job.warnings = [*(job.warnings or []), message]  # a new list: JSON columns see assignment
+        elif kind == "teacher_check":  # measured before training (core.guardrails.check_teacher)
+            record = finite({k: v for k, v in event.items() if k != "type"})
+            with self._write() as session:
+                add_event(session, self.job_id, "teacher_check", record, dedupe_key="teacher_check")
+                job = session.get(Job, self.job_id)
+                if job is not None:
+                    job.teacher_accuracy = record.get("accuracy")
         else:
             log.debug("job %s: event %s not stored", self.job_id, kind)
 
@@ -401,6 +415,9 @@ class JobRun:
             assert job is not None
             if job.attempts != self.attempt:
                 raise LostLease()
+            # Add the report's warnings to those its events brought in while the job ran.
+            job.warnings = list(dict.fromkeys([*(job.warnings or []), *report.get("warnings", [])]))[:100]
+            job.degenerate_student = bool(report.get("degenerate_student"))
             transition(session, job, "succeeded")
         log.info("job %s: succeeded in %.1f s", self.job_id, report.get("seconds") or 0.0)
 

@@ -70,6 +70,9 @@ def job_out(job: Job | sa.Row[Any]) -> JobOut:
         started_at=job.started_at,
         finished_at=job.finished_at,
         updated_at=job.updated_at,
+        warnings=list(job.warnings or []),
+        teacher_accuracy=job.teacher_accuracy,
+        degenerate_student=bool(job.degenerate_student),
     )
 
 
@@ -148,6 +151,11 @@ def resolve_params(
         device=body.device,
         n_eval=body.n_eval,
         students=specs,
+        lr=body.lr,
+        warmup_epochs=body.warmup_epochs,
+        collapse_patience=body.collapse_patience,
+        allow_degenerate=body.allow_degenerate,
+        teacher_claimed_accuracy=body.teacher_claimed_accuracy,
     )
     if body.attacks is not None:
         cfg.attacks = list(body.attacks)
