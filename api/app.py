@@ -20,7 +20,7 @@ import core
 from api import errors, model_check
 from api.routes import datasets, health, jobs, teachers
 from api.streams import StreamSlots
-from api.uploads import BodySizeLimit
+from api.uploads import BodySizeLimit, scrub_paths, server_roots
 from core.errors import UserError
 from service.auth import ensure_dev_key
 from service.cleanup import periodic_cleanup
@@ -61,7 +61,8 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 
 
 async def _user_error(request: Request, exc: UserError) -> JSONResponse:
-    return JSONResponse({"detail": str(exc)}, status_code=422)
+    detail = scrub_paths(str(exc), server_roots(request.app.state.settings))
+    return JSONResponse({"detail": detail}, status_code=422)
 
 
 async def _conflict(request: Request, exc: IllegalTransition) -> JSONResponse:
@@ -100,7 +101,7 @@ def create_app(
         cleaner = asyncio.create_task(periodic_cleanup(settings.upload_dir, app.state.store))
         yield
         cleaner.cancel()
-        model_check.shutdown()
+        app.state.checker.shutdown()
         await poller.close()
         engine.dispose()
 
@@ -111,6 +112,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.checker = model_check.make_checker(settings)
     app.state.engine = engine
     app.state.session_factory = make_session_factory(engine)
     app.state.poller = poller

@@ -1,24 +1,25 @@
-"""Loading and probing an uploaded model file, in a separate process.
+"""Checking an uploaded model or dataset before it is kept, never in the API process itself.
 
-An uploaded model is untrusted and can be big: loading it builds the whole network in memory (a 200 MB
-state dict costs the loading process about twice that). Doing it in a spawned child keeps the API
-process small and unharmed: its memory does not grow with the model, and a file that crashes the
-loader (or exhausts its memory) takes down the child, not the API. The child is reused between uploads.
-The loaders themselves never unpickle code (core/teachers.py); the child is a second wall, not the first.
+An upload is untrusted and can be big: loading a model builds the whole network in memory, and a small
+file can declare far more than it holds. Every check runs in its own child process with a time and a
+memory limit (api.check_process), after the file's declared expansion was bounded from its headers
+(core.archive_limits). The loaders themselves never unpickle code (core/teachers.py); the child is a
+second wall, not the first. Messages name the file by the user's filename only (``name``).
 """
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import logging
-import multiprocessing
-import threading
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+
+from api.check_process import IsolatedChecker
+from core.archive_limits import ExpansionLimits
+from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -35,16 +36,56 @@ class CheckedModel:
     probe: dict[str, Any]
 
 
+@dataclass
+class CheckedDataset:
+    """What a valid ``.npz`` dataset holds (the numbers its row records)."""
+
+    num_classes: int
+    n_train: int
+    n_test: int
+
+
+def expansion_limits(settings: Settings) -> ExpansionLimits:
+    """The bounds on what an upload may expand to, from the settings."""
+    return ExpansionLimits.from_upload_limit(
+        settings.max_upload_bytes, settings.max_expansion_ratio, settings.max_array_elements
+    )
+
+
+def make_checker(settings: Settings) -> IsolatedChecker:
+    return IsolatedChecker(
+        timeout_s=settings.check_timeout_s,
+        memory_mb=settings.check_memory_mb,
+        concurrency=settings.check_concurrency,
+    )
+
+
+def _checker(request: Request) -> IsolatedChecker:
+    return request.app.state.checker
+
+
+CheckerDep = Annotated[IsolatedChecker, Depends(_checker)]
+
+
 def _check_model(
-    path: Path, arch: str | None, num_classes: int | None, normalize: str | None, fmt: str
+    path: Path,
+    arch: str | None,
+    num_classes: int | None,
+    normalize: str | None,
+    fmt: str,
+    limits: ExpansionLimits | None,
 ) -> CheckedModel:
     """Load and probe the file on the CPU (blocking; runs in the checking process)."""
     from core.errors import ModelLoadError, UserError
     from core.teachers import load_model_file
 
     try:
-        loaded = load_model_file(path, arch=arch, num_classes=num_classes, normalize=normalize, fmt=fmt)
+        loaded = load_model_file(
+            path, arch=arch, num_classes=num_classes, normalize=normalize, fmt=fmt, limits=limits
+        )
     except UserError:
+        raise
+    except MemoryError:
         raise
     except Exception as exc:  # whatever a hostile or broken file trips over is still the file's problem
         log.warning("unexpected error loading an uploaded model", exc_info=True)
@@ -66,41 +107,39 @@ def _check_model(
     return checked
 
 
-_pool: ProcessPoolExecutor | None = None
-_pool_lock = threading.Lock()
+def _check_dataset(path: Path, name: str, limits: ExpansionLimits | None) -> CheckedDataset:
+    """Validate the ``.npz`` completely (blocking; runs in the checking process, numpy only)."""
+    from core.errors import DataError, UserError
+    from core.npz_check import check_npz
 
-
-def _executor() -> ProcessPoolExecutor:
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            _pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
-        return _pool
-
-
-def shutdown() -> None:
-    """Stop the checking process (the app's shutdown calls this)."""
-    global _pool
-    with _pool_lock:
-        pool, _pool = _pool, None
-    if pool is not None:
-        pool.shutdown(wait=False, cancel_futures=True)
+    try:
+        summary = check_npz(path, limits, name)
+    except (UserError, MemoryError):
+        raise
+    except Exception as exc:  # whatever a malformed file trips over is still the file's problem
+        raise DataError(f"{name} is not a readable .npz dataset: {type(exc).__name__}: {exc}") from exc
+    n_train = summary.n_train if summary.n_test else summary.n_train - summary.n_train // 5
+    n_test = summary.n_test or summary.n_train // 5
+    return CheckedDataset(num_classes=summary.num_classes, n_train=n_train, n_test=n_test)
 
 
 async def check_model_isolated(
-    path: Path, arch: str | None, num_classes: int | None, normalize: str | None, fmt: str
+    checker: IsolatedChecker,
+    settings: Settings,
+    path: Path,
+    arch: str | None,
+    num_classes: int | None,
+    normalize: str | None,
+    fmt: str,
 ) -> CheckedModel:
-    """``_check_model`` in the checking process; a crash there refuses the file (and a fresh process
-    serves the next upload)."""
-    from core.errors import ModelLoadError
+    """``_check_model`` in a checking process; a limit or a crash there refuses the file (422)."""
+    limits = expansion_limits(settings)
+    return await checker.run(_check_model, path, arch, num_classes, normalize, fmt, limits)
 
-    try:
-        return await asyncio.wrap_future(
-            _executor().submit(_check_model, path, arch, num_classes, normalize, fmt)
-        )
-    except BrokenProcessPool:
-        log.warning("the model-checking process died on an upload; starting a new one for the next")
-        shutdown()
-        raise ModelLoadError(
-            "loading the model file crashed the checking process (out of memory or a malformed file)"
-        ) from None
+
+async def check_dataset_isolated(
+    checker: IsolatedChecker, settings: Settings, path: Path, name: str
+) -> CheckedDataset:
+    """``_check_dataset`` in a checking process: never in the API process, whatever the file declares."""
+    limits = expansion_limits(settings)
+    return await checker.run(_check_dataset, path, name, limits)

@@ -20,7 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from core.archive_limits import ExpansionLimits
 from core.errors import ConfigError, DataError
+from core.npz_check import check_npz
 
 DATASETS = ("cifar10", "cifar100", "cifar10-partial", "cifar100-partial", "npz")
 _TORCHVISION = {
@@ -79,8 +81,14 @@ def load_dataset(
     seed: int = 0,
     train_subset: int | None = None,
     download: bool = False,
+    limits: ExpansionLimits | None = None,
+    display_name: str | None = None,
 ) -> DatasetBundle:
-    """Load ``name`` from ``root`` and carve a seeded validation split out of its training set."""
+    """Load ``name`` from ``root`` and carve a seeded validation split out of its training set.
+
+    For ``npz``: ``limits`` bounds what the file may expand to (checked before any array is read) and
+    ``display_name`` is how messages name the file (an upload's own filename, not a server path).
+    """
     key = str(name).strip().lower().replace("_", "-")
     if key not in DATASETS:
         raise ConfigError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
@@ -98,7 +106,7 @@ def load_dataset(
     elif key in _PARTIAL:
         train, test, num_classes, note = _load_partial(key, root)
     else:
-        train, test, num_classes, note = _load_npz(root, gen)
+        train, test, num_classes, note = _load_npz(root, gen, limits, display_name)
 
     n_train = len(train)
     if val_size >= n_train:
@@ -241,106 +249,36 @@ def _load_partial(key: str, root: Path) -> tuple[Split, Split, int, str]:
 # ---------------------------------------------------------------- user arrays in an .npz file
 
 
-def _load_npz(path: Path, gen: torch.Generator) -> tuple[Split, Split, int, str]:
-    if not path.is_file():
-        raise DataError(f"npz dataset: {path} is not a file; pass the path of an .npz with arrays x and y")
-    with path.open("rb") as f:
-        if f.read(4) != b"PK\x03\x04":
-            raise DataError(f"{path} is not an .npz file (a zip of .npy arrays, as numpy.savez writes)")
+def _load_npz(
+    path: Path, gen: torch.Generator, limits: ExpansionLimits | None, name: str | None
+) -> tuple[Split, Split, int, str]:
+    summary = check_npz(path, limits, name)  # everything validated before a whole array is read
+    label = name or path.name
     try:
         with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except ValueError as exc:
-        raise DataError(
-            f"{path}: cannot read the arrays without unpickling objects ({exc}); store numeric arrays"
-        ) from None
+            arrays = {k: z[k] for k in ("x", "y", "x_test", "y_test") if k in z.files}
     except Exception as exc:
-        raise DataError(f"{path} is not a readable .npz file: {exc}") from None
-    for need in ("x", "y"):
-        if need not in arrays:
-            raise DataError(
-                f"{path} has no array {need!r} (found {', '.join(sorted(arrays)) or 'none'}); "
-                "store images as x and integer labels as y"
-            )
-    if ("x_test" in arrays) != ("y_test" in arrays):
-        raise DataError(f"{path}: x_test and y_test must come together")
-
-    x = _images(arrays["x"], "x")
-    y = _labels(arrays["y"], len(x), "y")
-    has_test = "x_test" in arrays
-    if has_test:
-        x_test = _images(arrays["x_test"], "x_test")
-        y_test = _labels(arrays["y_test"], len(x_test), "y_test")
-        if x_test.shape[1:] != x.shape[1:]:
-            raise DataError(
-                f"x_test images are {tuple(x_test.shape[1:])} (C,H,W) but x images are {tuple(x.shape[1:])}"
-            )
-    biggest = int(max(y.max(), y_test.max() if has_test else 0))
-    if "num_classes" in arrays:
-        nc = arrays["num_classes"]
-        if nc.size != 1 or not np.issubdtype(nc.dtype, np.integer):
-            raise DataError(f"num_classes must be a single integer, got {nc.dtype} array of shape {nc.shape}")
-        num_classes = int(nc.reshape(()))
-        if biggest >= num_classes:
-            raise DataError(f"labels out of range: found label {biggest} but num_classes is {num_classes}")
-    else:
-        num_classes = biggest + 1
-    if num_classes < 2:
-        raise DataError(f"{path}: need at least 2 classes, labels only reach {biggest}")
-
-    train = Split(x, y)
-    if has_test:
-        test = Split(x_test, y_test)
-        note = f"npz {path.name}: given train and test arrays"
+        raise DataError(f"{label} is not a readable .npz file: {type(exc).__name__}") from None
+    train = Split(_images(arrays["x"]), _labels(arrays["y"]))
+    if summary.n_test:
+        test = Split(_images(arrays["x_test"]), _labels(arrays["y_test"]))
+        note = f"npz {label}: given train and test arrays"
     else:
         n_test = len(train) // 5
-        if n_test < 1:
-            raise DataError(
-                f"{path}: {len(train)} images are too few to carve a test split; add x_test/y_test"
-            )
         train, test = _split_off(train, n_test, gen)
-        note = f"npz {path.name}: no x_test, so a seeded 20% of x ({n_test} images) is the test split"
-    return train, test, num_classes, note
+        note = f"npz {label}: no x_test, so a seeded 20% of x ({n_test} images) is the test split"
+    return train, test, summary.num_classes, note
 
 
-def _images(a: np.ndarray, key: str) -> Tensor:
-    """uint8 NHWC or float NCHW in [0, 1] -> uint8 NCHW tensor, or a DataError that says what is wrong."""
-    layouts = "uint8 (N, H, W, C) with values 0..255 or float (N, C, H, W) in [0, 1], C = 1 or 3"
-    if a.ndim != 4:
-        raise DataError(f"{key} must be a 4-D image array, {layouts}; got shape {a.shape}")
-    if len(a) == 0:
-        raise DataError(f"{key} holds no images")
+def _images(a: np.ndarray) -> Tensor:
+    """uint8 NHWC or float NCHW in [0, 1] (as ``check_npz`` validated) -> uint8 NCHW tensor."""
     if a.dtype == np.uint8:
-        if a.shape[3] not in (1, 3):
-            raise DataError(
-                f"{key} is uint8, so it must be (N, H, W, C) with C = 1 or 3 last; got shape {a.shape}"
-            )
         return _nhwc_to_tensor(a)
-    if np.issubdtype(a.dtype, np.floating):
-        if a.shape[1] not in (1, 3):
-            raise DataError(
-                f"{key} is {a.dtype}, so it must be (N, C, H, W) with C = 1 or 3; got shape {a.shape}"
-            )
-        if not np.isfinite(a).all():
-            raise DataError(f"{key} contains NaN or infinite values")
-        lo, hi = float(a.min()), float(a.max())
-        if lo < 0.0 or hi > 1.0:
-            raise DataError(
-                f"{key} values must lie in [0, 1] but range from {lo:g} to {hi:g}; divide by 255?"
-            )
-        return torch.from_numpy(np.rint(a.astype(np.float32) * 255.0).astype(np.uint8))
-    raise DataError(f"{key} has dtype {a.dtype}; store {layouts}")
+    return torch.from_numpy(np.rint(a.astype(np.float32) * 255.0).astype(np.uint8))
 
 
-def _labels(a: np.ndarray, n: int, key: str) -> Tensor:
-    if a.ndim != 1:
-        raise DataError(f"{key} must be a 1-D array of integer labels, got shape {a.shape}")
-    if not np.issubdtype(a.dtype, np.integer):
-        raise DataError(f"{key} has dtype {a.dtype}; labels must be integers 0..C-1")
-    if len(a) != n:
-        raise DataError(f"{key} has {len(a)} labels but there are {n} images")
-    if a.min() < 0:
-        raise DataError(f"labels out of range: {key} has a negative label {int(a.min())}")
+def _labels(a: np.ndarray) -> Tensor:
+    """Labels ``check_npz`` found in [0, C) with C <= MAX_CLASSES, so int64 holds them exactly."""
     return torch.from_numpy(a.astype(np.int64))
 
 

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from core.archive_limits import ExpansionLimits, check_safetensors, zip_members
 from core.errors import ConfigError, ModelLoadError
 from core.models import create_model, list_models
 
@@ -165,16 +166,22 @@ def load_model_file(
     fmt: str = "auto",
     device: str | torch.device = "cpu",
     input_shape: tuple[int, int, int] = (3, 32, 32),
+    limits: ExpansionLimits | None = None,
 ) -> LoadedModel:
-    """Load a teacher from a file of any supported format, check it with a probe and freeze it."""
+    """Load a teacher from a file of any supported format, check it with a probe and freeze it.
+
+    ``limits`` bounds what the file may expand to; it is checked from the declared sizes (zip members,
+    safetensors header) before any reader allocates them (see core.archive_limits).
+    """
     p = Path(path)
     if not p.is_file():
         raise ModelLoadError(f"model file {str(p)!r} does not exist or is not a file")
     fmt = (fmt or "auto").strip().lower()
+    if fmt not in FORMATS and fmt != "auto":
+        raise ConfigError(f"unknown model format {fmt!r}; use auto or one of {', '.join(FORMATS)}")
+    _check_expansion(p, limits)
     if fmt == "auto":
         fmt = sniff_format(p)
-    elif fmt not in FORMATS:
-        raise ConfigError(f"unknown model format {fmt!r}; use auto or one of {', '.join(FORMATS)}")
     norm = _normalization(normalize)
 
     if fmt == "torchscript":
@@ -213,6 +220,18 @@ def load_model_file(
         normalize=norm,
         probe=probe,
     )
+
+
+def _check_expansion(path: Path, limits: ExpansionLimits | None) -> None:
+    """Zip-based formats by their members' declared sizes, safetensors by its header."""
+    if limits is None:  # a local file of the CLI's own user
+        return
+    with path.open("rb") as f:
+        head = f.read(9)
+    if head.startswith(b"PK\x03\x04"):
+        zip_members(path, path.name, limits, ModelLoadError)
+    elif len(head) == 9 and head[8:9] == b"{":
+        check_safetensors(path, path.name, limits, ModelLoadError)
 
 
 def sniff_format(path: Path) -> str:

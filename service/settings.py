@@ -30,6 +30,14 @@ class Settings(BaseSettings):
     data_root: Path | None = None
     work_dir: Path | None = None
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, gt=0)
+    # What an upload may expand to (zip members' declared sizes, .npy shapes): ratio x max_upload_bytes
+    # in all, and at most max_array_elements per array (core.archive_limits).
+    max_expansion_ratio: int = Field(default=4, ge=1, le=1000)
+    max_array_elements: int = Field(default=2**29, ge=1)
+    # Each uploaded file is checked in its own child process (api.check_process), killed past these.
+    check_timeout_s: float = Field(default=60.0, gt=0, le=3600)
+    check_memory_mb: int = Field(default=3072, ge=256)
+    check_concurrency: int = Field(default=2, ge=1, le=64)
     queue: str = "distill"
     presign_seconds: int = Field(default=300, gt=0)
     # Database connections per API process. The API runs its sync steps in as many threads as this pool

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import ROW_ID, SessionDep, SettingsDep, StoreDep, TenantDep, owned, plain_text
+from api.model_check import CheckerDep, check_dataset_isolated
 from api.schemas import NOT_FOUND, BuiltinDataset, DatasetList, DatasetOut, Message
 from api.uploads import ReceivedFile, forget_object, received_upload
 from service import jobs as job_state
@@ -56,7 +57,7 @@ def resolve_dataset(session: Session, settings: Settings, tenant: Tenant, ref: s
         if not builtin_available(settings, key):
             raise HTTPException(
                 422,
-                detail=f"dataset {key!r} is not available on this server (nothing in {settings.data_root})",
+                detail=f"dataset {key!r} is not available on this server (its files are not installed)",
             )
         return ResolvedDataset(name=key, num_classes=BUILTIN[key][1])
     if ROW_ID.match(ref):
@@ -72,23 +73,6 @@ def resolve_dataset(session: Session, settings: Settings, tenant: Tenant, ref: s
 
 def tenant_dataset(session: Session, tenant: Tenant, dataset_id: str) -> Dataset:
     return owned(session, Dataset, tenant, dataset_id, "dataset")
-
-
-def _validate_npz(path: Path) -> dict[str, Any]:
-    from core.data import load_dataset
-    from core.errors import DataError, UserError
-
-    try:
-        bundle = load_dataset("npz", path, val_size=0)
-    except UserError:
-        raise
-    except Exception as exc:  # whatever a malformed file trips over is still the file's problem
-        raise DataError(f"the file is not a readable .npz dataset: {type(exc).__name__}: {exc}") from exc
-    return {
-        "num_classes": bundle.num_classes,
-        "n_train": len(bundle.train) + len(bundle.val),
-        "n_test": len(bundle.test),
-    }
 
 
 def _store_dataset(
@@ -149,16 +133,18 @@ async def upload_dataset(
     session: SessionDep,
     store: StoreDep,
     settings: SettingsDep,
+    checker: CheckerDep,
     file: Annotated[
         UploadFile, File(description="An .npz with x (images), y (labels), optional x_test/y_test")
     ],
     name: Annotated[str | None, Form(max_length=255)] = None,
 ) -> Dataset:
-    """Upload an .npz dataset; it is read and checked before it is kept."""
+    """Upload an .npz dataset; it is checked completely, in a checking process, before it is kept."""
     name = plain_text(name, "name")
     filename = safe_filename(file.filename, "dataset.npz")
     async with received_upload(file, settings.upload_dir, settings.max_upload_bytes, filename) as received:
-        info = await run_in_threadpool(_validate_npz, received.path)
+        checked = await check_dataset_isolated(checker, settings, received.path, filename)
+        info = asdict(checked)
         return await run_in_threadpool(_store_dataset, session, store, tenant, received, info, name)
 
 

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep, owned, plain_text
-from api.model_check import CheckedModel, check_model_isolated
+from api.model_check import CheckedModel, CheckerDep, check_model_isolated
 from api.routes.datasets import resolve_dataset
 from api.schemas import NOT_FOUND, Message, ModelFormat, TeacherList, TeacherOut
 from api.uploads import ReceivedFile, forget_object, received_upload
@@ -86,6 +86,7 @@ async def upload_teacher(
     session: SessionDep,
     store: StoreDep,
     settings: SettingsDep,
+    checker: CheckerDep,
     file: Annotated[
         UploadFile, File(description="TorchScript, torch.export (.pt2), state_dict or safetensors")
     ],
@@ -120,7 +121,9 @@ async def upload_teacher(
         num_classes = resolved.num_classes
     filename = safe_filename(file.filename, "teacher.bin")
     async with received_upload(file, settings.upload_dir, settings.max_upload_bytes, filename) as received:
-        checked = await check_model_isolated(received.path, arch, num_classes, normalize, format)
+        checked = await check_model_isolated(
+            checker, settings, received.path, arch, num_classes, normalize, format
+        )
         return await run_in_threadpool(
             _store_teacher, session, store, tenant, received, checked, name, filename
         )

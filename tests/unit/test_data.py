@@ -125,7 +125,7 @@ def test_npz_uint8_nhwc_with_test_arrays(tmp_path):
 
 
 def test_npz_float_nchw_and_carved_test(tmp_path):
-    x = np.random.default_rng(1).integers(0, 256, (40, 1, 6, 6)).astype(np.float32) / 255
+    x = np.random.default_rng(1).integers(0, 256, (40, 1, 8, 8)).astype(np.float32) / 255
     y = np.arange(40) % 3
     bundle = load_dataset("npz", _npz(tmp_path, x=x, y=y, num_classes=np.array(5)), val_size=4)
     assert bundle.num_classes == 5
@@ -174,7 +174,7 @@ def test_npz_with_objects_or_not_a_file(tmp_path):
 
 
 def _labelled_npz(tmp_path: Path, n: int = 60) -> Path:
-    x = np.arange(n, dtype=np.uint8).reshape(n, 1, 1, 1).repeat(4, 1).repeat(4, 2)  # image i is all i
+    x = np.arange(n, dtype=np.uint8).reshape(n, 1, 1, 1).repeat(8, 1).repeat(8, 2)  # image i is all i
     return _npz(tmp_path, x=x, y=np.arange(n) % 2, x_test=x[:2], y_test=np.array([0, 1]))
 
 

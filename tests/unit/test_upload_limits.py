@@ -1,0 +1,435 @@
+"""Hostile uploads: expansion bombs, datasets that cannot work, checks that spin or hog memory, orphans.
+
+The API runs on its embedded stack (SQLite + a local object folder). Every file here is tiny on disk;
+what it declares or does when read is what must be bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+from fastapi.testclient import TestClient
+
+from api.app import create_app
+from api.check_process import IsolatedChecker
+from api.uploads import scrub_paths, server_roots
+from core.archive_limits import ExpansionLimits, npz_headers
+from core.data import load_dataset
+from core.errors import DataError
+from core.npz_check import check_npz
+from service.auth import create_api_key
+from service.models import Dataset, Teacher
+from service.settings import Settings
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
+
+MAX_UPLOAD = 300_000  # x RD_MAX_EXPANSION_RATIO 4: an upload may expand to 1.2 MB
+REPO = Path(__file__).resolve().parents[2]
+
+
+# ---------------------------------------------------------------- files
+
+
+def _npz_bytes(compressed: bool = False, **arrays: Any) -> bytes:
+    buf = io.BytesIO()
+    (np.savez_compressed if compressed else np.savez)(buf, **arrays)
+    return buf.getvalue()
+
+
+def _good_arrays(n: int = 20, classes: int = 2) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {"x": rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8), "y": np.arange(n) % classes}
+
+
+def _zero_bomb(images: int = 21_845) -> bytes:
+    """An .npz of ``images`` black 32x32 RGB images (64 MiB for the default), deflated to about 70 KB."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "|u1", "fortran_order": False, "shape": (images, 32, 32, 3)}
+    )
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        with zf.open("x.npy", "w", force_zip64=True) as f:
+            f.write(header.getvalue())
+            zeros = bytes(images * 3072 // 16)
+            for _ in range(16):
+                f.write(zeros)
+        labels = io.BytesIO()
+        np.save(labels, np.arange(images, dtype=np.int64) % 2)
+        zf.writestr("y.npy", labels.getvalue())
+    return out.getvalue()
+
+
+def _truncated_npy_member(shape: tuple[int, ...]) -> bytes:
+    """A member whose header declares ``shape`` uint8 but which holds only 16 bytes of data."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False, "shape": shape})
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as zf:
+        zf.writestr("x.npy", header.getvalue() + bytes(16))
+        labels = io.BytesIO()
+        np.save(labels, np.array([0, 1]))
+        zf.writestr("y.npy", labels.getvalue())
+    return out.getvalue()
+
+
+def _deflated_torch_save(extra_floats: int) -> bytes:
+    """A tiny_cnn state dict plus an ignored ``sub_block1`` tensor of zeros, every member deflated."""
+    import torch
+
+    from core.models import create_model
+
+    sd = {**create_model("tiny_cnn", 10).state_dict(), "sub_block1.big": torch.zeros(extra_floats)}
+    raw = io.BytesIO()
+    torch.save(sd, raw)
+    raw.seek(0)
+    out = io.BytesIO()
+    with zipfile.ZipFile(raw) as src, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info.filename))
+    return out.getvalue()
+
+
+def _scripted(kind: str) -> bytes:
+    """TorchScript whose forward spins (for minutes) or asks for 8 GiB."""
+    import torch
+
+    class Spin(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = x.flatten(1)[:, :10]
+            for _ in range(1_000_000_000):
+                y = y + 0.0
+            return y
+
+    class Hog(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            big = x.new_empty([2147483648])
+            return x.flatten(1)[:, :10] + big.sum() * 0
+
+    buf = io.BytesIO()
+    torch.jit.save(torch.jit.script(Spin() if kind == "spin" else Hog()), buf)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------- the app
+
+
+def _settings(root: Path, **overrides: Any) -> Settings:
+    data = root / "data"
+    (data / "cifar-10-batches-py-partial").mkdir(parents=True)
+    (data / "cifar-10-batches-py-partial" / "batches.meta").write_bytes(b"x")
+    limits = {"check_timeout_s": 4.0, "check_memory_mb": 768, "check_concurrency": 2, **overrides}
+    return Settings(var_dir=root / "var", data_root=data, max_upload_bytes=MAX_UPLOAD, **limits)
+
+
+def _key(app: Any, tenant: str) -> dict[str, str]:
+    with app.state.session_factory() as session:
+        key = create_api_key(session, tenant)
+        session.commit()
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
+    settings = _settings(tmp_path_factory.mktemp("limits"))
+    app = create_app(settings, enqueue=lambda job_id: None, revoke=lambda job_id: None)
+    with TestClient(app) as client:
+        yield SimpleNamespace(
+            app=app, client=client, settings=settings, alice=_key(app, "alice"), bob=_key(app, "bob")
+        )
+
+
+def _rows(app: Any, model: type) -> int:
+    with app.state.session_factory() as session:
+        return session.scalar(sa.select(sa.func.count()).select_from(model)) or 0
+
+
+def _post_dataset(env: SimpleNamespace, content: bytes, who: str = "alice") -> Any:
+    return env.client.post("/v1/datasets", headers=getattr(env, who), files={"file": ("d.npz", content)})
+
+
+def _post_teacher(env: SimpleNamespace, content: bytes, **form: Any) -> Any:
+    return env.client.post(
+        "/v1/teachers", headers=env.alice, files={"file": ("t.pt", content)}, data={"num_classes": 10, **form}
+    )
+
+
+def _refused(r: Any, *words: str) -> str:
+    assert r.status_code == 422, r.text
+    detail = r.json()["detail"]
+    for word in words:
+        assert word in detail, detail
+    return detail
+
+
+def _nothing_kept(env: SimpleNamespace) -> None:
+    assert _rows(env.app, Dataset) == 0 and _rows(env.app, Teacher) == 0
+    assert env.app.state.store.list_keys() == []
+    uploads = env.settings.upload_dir
+    assert not uploads.exists() or not any(uploads.iterdir())
+
+
+# ---------------------------------------------------------------- expansion bombs
+
+
+def test_npz_bomb_is_refused_from_its_declared_size(env: SimpleNamespace) -> None:
+    bomb = _zero_bomb()
+    assert len(bomb) < MAX_UPLOAD  # 64 MiB of images in a file the upload limit lets through
+    _refused(_post_dataset(env, bomb), "expands to more than 1200000 bytes", "RD_MAX_EXPANSION_RATIO=4")
+    _nothing_kept(env)
+
+
+def test_npy_header_is_checked_against_its_member_and_the_element_cap(tmp_path: Path) -> None:
+    path = tmp_path / "forged.npz"
+    path.write_bytes(_truncated_npy_member((2**32,)))  # declares 4 GiB, holds 16 bytes
+    with pytest.raises(DataError, match="declares 4294967296 bytes .* truncated or forged"):
+        load_dataset("npz", path, val_size=0)
+    limits = ExpansionLimits(max_expanded_bytes=10**12, max_array_elements=1000, source="test")
+    with pytest.raises(DataError, match=r"4294967296 elements .*at most 1000 .*RD_MAX_ARRAY_ELEMENTS"):
+        npz_headers(path, "forged.npz", limits, DataError)
+
+
+def test_torch_zip_bomb_is_refused_before_torch_reads_it(env: SimpleNamespace) -> None:
+    bomb = _deflated_torch_save(extra_floats=16 * 2**20)  # 64 MiB of zeros in about 70 KB
+    assert len(bomb) < MAX_UPLOAD
+    _refused(_post_teacher(env, bomb, arch="tiny_cnn"), "expands to more than", "RD_MAX_EXPANSION_RATIO")
+    _nothing_kept(env)
+
+
+def test_datasets_are_checked_outside_the_api_process(
+    env: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def not_here(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a dataset was read in the API process")
+
+    import core.data
+    import core.npz_check
+
+    monkeypatch.setattr(core.npz_check, "check_npz", not_here)
+    monkeypatch.setattr(core.data, "load_dataset", not_here)
+    r = _post_dataset(env, _npz_bytes(**_good_arrays()))
+    assert r.status_code == 201, r.text
+    assert env.client.delete(f"/v1/datasets/{r.json()['id']}", headers=env.alice).status_code == 204
+
+
+# ---------------------------------------------------------------- datasets that cannot work
+
+
+N = 10
+IMAGES = np.zeros((N, 8, 8, 3), np.uint8)
+
+
+@pytest.mark.parametrize(
+    ("arrays", "message"),
+    [
+        ({"x": IMAGES, "y": np.full(N, 2**40)}, "label 1099511627776; labels must be 0..C-1 with at most"),
+        ({"x": IMAGES, "y": np.full(N, 2**64 - 1, np.uint64)}, "label 18446744073709551615"),
+        ({"x": IMAGES, "y": np.arange(N) % 2 * (2**31 - 2)}, "label 2147483646"),
+        ({"x": IMAGES, "y": np.arange(N) % 2, "num_classes": np.array(2**31 - 1)}, "num_classes is 2147483"),
+        ({"x": np.zeros((N, 0, 0, 3), np.uint8), "y": np.arange(N) % 2}, "0x0 pixels; the students accept 8"),
+        ({"x": np.zeros((N, 2048, 8, 1), np.uint8), "y": np.arange(N) % 2}, "2048x8 pixels"),
+        ({"x": np.zeros((N, 2, 8, 8), np.float32), "y": np.arange(N) % 2}, "C = 1 or 3"),
+        ({"x": np.full((N, 3, 8, 8), np.nan, np.float32), "y": np.arange(N) % 2}, "NaN or infinite"),
+        ({"x": np.full((N, 3, 8, 8), 0.5, np.float32), "y": np.arange(N - 1) % 2}, "9 labels but there are"),
+        ({"x": np.zeros((0, 8, 8, 3), np.uint8), "y": np.zeros(0, int)}, "x holds no images"),
+        ({**_good_arrays(), "x_test": np.zeros((0, 8, 8, 3), np.uint8), "y_test": np.zeros(0, int)},
+         "x_test holds no images"),
+        ({"x": IMAGES[:4], "y": np.arange(4) % 2}, "too few to carve a test split"),
+    ],
+    ids=["label-2**40", "uint64-max", "label-2**31-2", "num-classes-2**31-1", "zero-sized-images",
+         "too-tall", "two-channels", "nan", "lengths", "empty-train", "empty-test", "no-test-to-carve"],
+)  # fmt: skip
+def test_datasets_that_cannot_work_are_refused_naming_the_field(
+    tmp_path: Path, arrays: dict[str, np.ndarray], message: str
+) -> None:
+    path = tmp_path / "d.npz"
+    path.write_bytes(_npz_bytes(**arrays))
+    with pytest.raises(DataError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        check_npz(path, name="d.npz")
+    with pytest.raises(DataError):  # the worker's and the CLI's loader refuse the same file
+        load_dataset("npz", path, val_size=0)
+
+
+def test_a_valid_dataset_is_summarised_without_loading_it(tmp_path: Path) -> None:
+    path = tmp_path / "ok.npz"
+    x = np.random.default_rng(0).random((12, 3, 8, 8), dtype=np.float32)
+    path.write_bytes(_npz_bytes(compressed=True, x=x, y=np.arange(12) % 3, num_classes=np.array(5)))
+    summary = check_npz(path)
+    assert (summary.num_classes, summary.n_train, summary.n_test, summary.image_shape) == (
+        5,
+        12,
+        0,
+        (3, 8, 8),
+    )
+
+
+def test_huge_labels_are_422_not_500(env: SimpleNamespace) -> None:
+    for labels in (np.full(N, 2**40), np.full(N, 2**64 - 1, np.uint64)):
+        _refused(_post_dataset(env, _npz_bytes(x=IMAGES, y=labels)), "labels out of range")
+    _nothing_kept(env)
+
+
+# ---------------------------------------------------------------- no server paths in messages
+
+
+def test_messages_name_the_users_file_not_server_paths(env: SimpleNamespace) -> None:
+    r = env.client.post("/v1/datasets", headers=env.alice, files={"file": ("mine.npz", _npz_bytes(x=IMAGES))})
+    detail = _refused(r, "mine.npz has no array 'y'")
+    for secret in (str(env.settings.var_dir), str(REPO), "upload-", "/work/"):
+        assert secret not in detail
+
+
+def test_scrub_paths_keeps_only_the_last_component(tmp_path: Path) -> None:
+    settings = _settings(tmp_path)
+    scratch = settings.upload_dir / "upload-abc123" / "x.npz"
+    text = f"{scratch} is broken; see '{settings.var_dir / 'objects' / 'k'}' and {REPO / 'core' / 'data.py'}"
+    assert scrub_paths(text, server_roots(settings)) == "x.npz is broken; see 'k' and data.py"
+
+
+# ---------------------------------------------------------------- time, memory, fairness
+
+
+def _concurrently(*calls: Any) -> list[Any]:
+    results: list[Any] = [None] * len(calls)
+
+    def run(i: int) -> None:
+        results[i] = calls[i]()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def test_spinning_model_times_out_and_other_tenants_are_answered_meanwhile(env: SimpleNamespace) -> None:
+    spin = _scripted("spin")
+    result: dict[str, Any] = {}
+    # Two checking processes with torch imported: neither upload below waits for a process to start.
+    warm = _concurrently(*[lambda: _post_dataset(env, _npz_bytes(**_good_arrays()))] * 2)
+    for r in warm:
+        assert env.client.delete(f"/v1/datasets/{r.json()['id']}", headers=env.alice).status_code == 204
+
+    def slow_upload() -> None:
+        result["response"] = _post_teacher(env, spin)
+
+    thread = threading.Thread(target=slow_upload)
+    started = time.monotonic()
+    thread.start()
+    time.sleep(0.5)
+    r = _post_dataset(env, _npz_bytes(**_good_arrays()), who="bob")  # bob's small upload meanwhile
+    assert r.status_code == 201, r.text
+    assert thread.is_alive(), "the spinning check should still be running while bob is answered"
+    thread.join(timeout=60)
+    assert time.monotonic() - started < 30  # killed at RD_CHECK_TIMEOUT_S, not left to spin for minutes
+    _refused(result["response"], "took longer than RD_CHECK_TIMEOUT_S=4 s")
+    env.client.delete(f"/v1/datasets/{r.json()['id']}", headers=env.bob)
+
+
+def test_memory_hog_is_refused_naming_the_limit(env: SimpleNamespace) -> None:
+    _refused(_post_teacher(env, _scripted("hog")), "used more than RD_CHECK_MEMORY_MB=768 MB")
+    _nothing_kept(env)
+
+
+def keep_megabytes(mb: int) -> int:
+    """A check that leaves memory behind (a module global), so its child must be replaced."""
+    globals().setdefault("_kept", []).append(np.ones(mb * 2**20, np.uint8))
+    return os.getpid()
+
+
+def test_a_child_that_kept_memory_is_replaced() -> None:
+    async def scenario() -> list[int]:
+        checker = IsolatedChecker(timeout_s=60, memory_mb=1024, concurrency=1, recycle_mb=128)
+        try:
+            pids = [await checker.run(os.getpid), await checker.run(os.getpid)]
+            pids.append(await checker.run(keep_megabytes, 300))
+            pids.append(await checker.run(os.getpid))
+            return pids
+        finally:
+            checker.shutdown()
+
+    first, second, kept, after = asyncio.run(scenario())
+    assert first == second == kept  # a healthy child serves the next check
+    assert after != kept  # the one that kept 300 MB was retired
+
+
+# ---------------------------------------------------------------- no orphans
+
+_STARTS_A_CHECK = """
+import asyncio, time
+from api.check_process import IsolatedChecker
+
+async def main():
+    checker = IsolatedChecker(timeout_s=120, memory_mb=512, concurrency=1)
+    check = asyncio.ensure_future(checker.run(time.sleep, 120))
+    while not checker.child_pids():
+        await asyncio.sleep(0.01)
+    print(checker.child_pids()[0], flush=True)
+    await check
+
+asyncio.run(main())
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return state in ("Z", "X")  # a zombie has exited; only its entry waits for a reaper
+
+
+def _wait_gone(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if _gone(pid):
+            return True
+        time.sleep(0.1)
+    return _gone(pid)
+
+
+@pytest.mark.parametrize("delay", [0.0, 4.0], ids=["while-starting", "while-checking"])
+def test_checker_children_die_with_a_killed_parent(delay: float) -> None:
+    parent = subprocess.Popen(
+        [sys.executable, "-c", _STARTS_A_CHECK], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        time.sleep(delay)
+        assert not _gone(child)
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+    assert _wait_gone(child, 5), f"checking process {child} outlived its SIGKILLed parent"
+
+
+def test_app_shutdown_kills_checker_children(tmp_path: Path) -> None:
+    settings = _settings(tmp_path)
+    app = create_app(settings, enqueue=lambda job_id: None, revoke=lambda job_id: None)
+    with TestClient(app) as client:
+        r = client.post(
+            "/v1/datasets",
+            headers=_key(app, "alice"),
+            files={"file": ("d.npz", _npz_bytes(**_good_arrays()))},
+        )
+        assert r.status_code == 201, r.text
+        children = app.state.checker.child_pids()
+        assert children and not any(_gone(pid) for pid in children)
+    assert all(_wait_gone(pid, 5) for pid in children)
