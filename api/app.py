@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 import core
 from api import errors, model_check
 from api.routes import datasets, health, jobs, teachers
-from api.streams import StreamSlots
+from api.streams import JobWatch, StreamSlots
 from api.uploads import BodySizeLimit, scrub_paths, server_roots
 from core.errors import UserError
 from service.auth import ensure_dev_key
@@ -123,6 +123,7 @@ def create_app(
     app.state.broker_ping = queue.ping
     app.state.sse_poll_seconds = 1.0
     app.state.streams = StreamSlots(per_key=settings.max_streams_per_key, total=settings.max_streams)
+    app.state.job_watch = JobWatch(poller, lambda: app.state.sse_poll_seconds)
 
     app.add_middleware(BodySizeLimit, max_upload_bytes=settings.max_upload_bytes)
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]

@@ -11,11 +11,12 @@ this process (with several API processes each counts its own), answered 429 with
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import sqlalchemy as sa
@@ -25,11 +26,12 @@ from starlette.types import Receive, Scope, Send
 
 from api.schemas import EventOut
 from service import jobs as job_state
-from service.polling import JobEvents, StatusPoller, UnknownKey
+from service.polling import JobEvents, JobState, StatusPoller, UnknownKey
 
 log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 15.0  # a comment line after this long without a message keeps proxies from closing the stream
+KEY_RECHECK_S = 30.0  # a stream checks its key (revoked?) at least this often
 STREAM_BATCH = 500  # events per poll; a fuller batch is followed by the next poll at once
 RETRY_AFTER_S = 10  # what a 429 suggests: streams end with their jobs, so slots free up over time
 
@@ -128,50 +130,126 @@ def sse(kind: str | None, data: Any, event_id: int | None = None) -> str:
     return "\n".join(lines) + "\n\n"
 
 
-async def event_stream(
-    request: Request,
-    poller: StatusPoller,
-    key: str | None,
-    job_id: str,
-    after: int,
-    first: JobEvents,
-    poll_s: float,
-) -> AsyncIterator[str]:
-    """Server-sent events: every stored event after id ``after`` in order (``first`` is the route's poll), a
-    ``progress`` message when the progress changes, a comment line after HEARTBEAT_S of silence, then
-    ``end`` once the job is finished and nothing newer is left to send.
+class WatchFailed(Exception):
+    """The shared poll of the streamed jobs failed (the database is down or refused)."""
 
-    The stream stops quietly when the client has gone, the key was revoked or the job deleted, or the
-    database failed (a client resumes with Last-Event-ID)."""
-    batch: JobEvents | None = first
-    last_progress: Any = object()
-    last_sent = time.monotonic()
-    while batch is not None:
-        sent = False
-        for event in batch.events:
-            yield sse(event.event_type, event_out(event).model_dump(mode="json"), event.event_id)
-            after, sent = event.event_id, True
-        if batch.progress is not None and batch.progress != last_progress:
-            yield sse("progress", batch.progress)
-            sent = True
-        last_progress = batch.progress
-        if batch.status in job_state.TERMINAL_STATUSES and not batch.events:
-            yield sse("end", {"status": batch.status})
-            return
-        now = time.monotonic()
-        if sent:
-            last_sent = now
-        elif now - last_sent > HEARTBEAT_S:
-            yield ": keep-alive\n\n"
-            last_sent = now
-        if len(batch.events) < STREAM_BATCH:
-            await asyncio.sleep(poll_s)
-        if await request.is_disconnected():
-            return
+
+class JobWatch:
+    """Polls the state of every job that has open streams in one query a tick, and wakes their streams.
+
+    Streams of a job compare the shared state (status, progress, newest event id) with what they sent,
+    and query their own events (with their key) only when there are new ones, or every KEY_RECHECK_S to
+    check their key. So 200 streams of one job cost about one query a second, not 200. The polling task
+    runs while some stream watches and is cancelled when the last one leaves. Event loop only."""
+
+    def __init__(self, poller: StatusPoller, poll_seconds: Callable[[], float]) -> None:
+        self.poller = poller
+        self._poll_seconds = poll_seconds
+        self._watchers: Counter[str] = Counter()
+        self._states: dict[str, JobState] = {}
+        self._failed = False
+        self._tick = 0
+        self._ticked: asyncio.Condition | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    @contextlib.contextmanager
+    def watching(self, job_id: str) -> Iterator[int]:
+        """Register a stream of ``job_id`` for as long as the block runs; yields the current tick."""
+        self._watchers[job_id] += 1
+        if self._ticked is None:
+            self._ticked = asyncio.Condition()
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="job-watch")
         try:
-            batch = await poller.events(key, job_id, after, STREAM_BATCH)
-        except UnknownKey:
-            return
-        except (sa.exc.SQLAlchemyError, OSError) as exc:
-            log.warning("event stream of job %s ends: the poll failed: %s", job_id, type(exc).__name__)
-            return
+            yield self._tick
+        finally:
+            self._watchers[job_id] -= 1
+            if self._watchers[job_id] <= 0:
+                del self._watchers[job_id]
+                self._states.pop(job_id, None)
+            if not self._watchers and self._task is not None:
+                self._task.cancel()
+                self._task = None
+
+    async def next_state(self, job_id: str, seen: int) -> tuple[int, JobState | None]:
+        """The state after the first tick newer than ``seen``: (tick, state; None if the job is gone)."""
+        assert self._ticked is not None, "next_state outside watching()"
+        async with self._ticked:
+            await self._ticked.wait_for(lambda: self._tick > seen)
+        if self._failed:
+            raise WatchFailed
+        return self._tick, self._states.get(job_id)
+
+    async def _run(self) -> None:
+        assert self._ticked is not None
+        while self._watchers:
+            await asyncio.sleep(self._poll_seconds())
+            try:
+                self._states = await self.poller.job_states(sorted(self._watchers))
+                self._failed = False
+            except (sa.exc.SQLAlchemyError, OSError) as exc:
+                log.warning("the poll of the streamed jobs failed: %s", type(exc).__name__)
+                self._states, self._failed = {}, True
+            async with self._ticked:
+                self._tick += 1
+                self._ticked.notify_all()
+
+
+async def event_stream(
+    request: Request, watch: JobWatch, key: str | None, job_id: str, after: int, first: JobEvents
+) -> AsyncIterator[str]:
+    """Server-sent events: every stored event after id ``after`` in order (``first`` is the route's
+    poll), a ``progress`` message when the progress changes, a comment line after HEARTBEAT_S of
+    silence, then ``end`` once the job is finished and nothing newer is left to send.
+
+    Between its own polls a stream follows the shared state of ``watch``. It stops quietly when the
+    client has gone, the key was revoked (noticed within KEY_RECHECK_S) or the job deleted, or the
+    database failed (a client resumes with Last-Event-ID)."""
+    with watch.watching(job_id) as tick:
+        batch: JobEvents | None = first
+        checked = last_sent = time.monotonic()
+        last_progress: Any = object()
+        state: JobState | None = None
+        while True:
+            sent = more = False
+            if batch is not None:  # our own poll: the events after ``after``, key checked
+                for event in batch.events:
+                    yield sse(event.event_type, event_out(event).model_dump(mode="json"), event.event_id)
+                    after, sent = event.event_id, True
+                status, progress, more = batch.status, batch.progress, len(batch.events) >= STREAM_BATCH
+                if status in job_state.TERMINAL_STATUSES and not batch.events:
+                    yield sse("end", {"status": status})
+                    return
+            if progress is not None and progress != last_progress:
+                yield sse("progress", progress)
+                sent = True
+            last_progress = progress
+            now = time.monotonic()
+            if sent:
+                last_sent = now
+            elif now - last_sent > HEARTBEAT_S:
+                yield ": keep-alive\n\n"
+                last_sent = now
+            batch = None
+            try:
+                if not more:
+                    tick, state = await watch.next_state(job_id, tick)
+                    if await request.is_disconnected():
+                        return
+                if more or state is None or (state.last_event_id or 0) > after or (
+                    time.monotonic() - checked >= KEY_RECHECK_S
+                ):
+                    batch = await watch.poller.events(key, job_id, after, STREAM_BATCH)
+                    if batch is None:
+                        return  # the job is gone
+                    checked = time.monotonic()
+                elif state.status in job_state.TERMINAL_STATUSES:
+                    yield sse("end", {"status": state.status})
+                    return
+                else:
+                    progress = state.progress
+            except UnknownKey:
+                return
+            except (WatchFailed, sa.exc.SQLAlchemyError, OSError) as exc:
+                log.warning("event stream of job %s ends: the poll failed: %s", job_id, type(exc).__name__)
+                return

@@ -21,12 +21,17 @@ Celery worker (``celery -A worker.celery_app worker``) on a queue of the run's o
    A small teacher and dataset go first, so torch and numpy are already imported. Growth is over the RSS
    just before each upload, split by phase: receive+copy (until the copy in RD_WORK_DIR/uploads is
    complete), check (loading/probing, until the object store's files start growing) and store.
+3. Event streams (bench/stream_load.py). ``--streams`` clients hold ``Accept: text/event-stream``
+   requests open on a job while ``--clients`` status pollers and a few clients of another tenant
+   (``GET /v1/teachers``, the ORM path) run; the p50/p99 of both with and without the streams, side
+   by side, on one fresh API server, ``--stream-seconds`` each.
 
 MB means 10^6 bytes throughout. The load generator, the servers and the API share this machine's CPUs.
 
     python -m bench.service_overhead                       # real stack, default sizes (a few minutes)
     python -m bench.service_overhead --api-workers 2 --rounds 1
     python -m bench.service_overhead --embedded --clients 5 --requests-per-client 5 --upload-mb 2
+    python -m bench.service_overhead --upload-mb 0 --rounds 1 --streams 200   # polling and streams only
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ from typing import Any
 
 import httpx
 
-from bench import stack
+from bench import stack, stream_load
 
 MB = 1_000_000
 DATA_FOLDER = "cifar-10-batches-py-partial"  # what the 'cifar10-partial' builtin needs to exist
@@ -89,6 +94,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="architecture of the uploaded teacher (tiny_cnn when this one is larger than the size)",
     )
     p.add_argument("--sample-ms", type=float, default=20.0, help="RSS sampling period")
+    p.add_argument("--streams", type=int, default=200, help="open event streams in phase 3 (0: skip)")
+    p.add_argument(
+        "--stream-seconds", type=float, default=10.0, help="length of each streams phase (without, with)"
+    )
     p.add_argument(
         "--embedded",
         action="store_true",
@@ -112,6 +121,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--clients, --requests-per-client, --paced-requests, --rounds and --workers must be >= 1")
     if args.poll_interval < 0 or args.upload_mb < 0 or args.duration <= 0 or args.sample_ms <= 0:
         p.error("--poll-interval and --upload-mb must be >= 0, --duration and --sample-ms > 0")
+    if args.streams < 0 or not 0 < args.stream_seconds <= 90:
+        # The streamed job is queued without a message: the worker sends it again after 120 s.
+        p.error("--streams must be >= 0 and --stream-seconds in (0, 90]")
     return args
 
 
@@ -212,12 +224,13 @@ async def _poll(spec: dict[str, Any]) -> dict[str, Any]:
 
 def loadgen_main(spec_path: Path) -> None:
     spec = json.loads(spec_path.read_text())
+    work = stream_load.run_phase(spec, _poll) if "loads" in spec else _poll(spec)
     try:
         import uvloop  # the event loop uvicorn itself runs on when installed (uvicorn[standard])
 
-        result = uvloop.run(_poll(spec))
+        result = uvloop.run(work)
     except ImportError:
-        result = asyncio.run(_poll(spec))
+        result = asyncio.run(work)
     Path(spec["out"]).write_text(json.dumps(result))
 
 
@@ -701,6 +714,8 @@ def report(args: argparse.Namespace, result: dict[str, Any]) -> None:
             f"{label:24s} ratio ours/bare: p50 {_ratio(ours['p50_ms'], bare['p50_ms'])}  "
             f"p99 {_ratio(ours['p99_ms'], bare['p99_ms'])}  throughput {_ratio(ours['rps'], bare['rps'])}"
         )
+    if "streams" in result:
+        stream_load.report(args, result["streams"], _ms)
     up = result.get("uploads")
     if up:
         tf = up["teacher_file"]
@@ -777,6 +792,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         }
         print("status polling", flush=True)
         result["polling"] = measure_polling(args, running)
+        if args.streams > 0:
+            print("event streams", flush=True)
+            result["streams"] = stream_load.measure(args, running, run_loadgen, summarize)
         if args.upload_mb > 0:
             print("upload memory", flush=True)
             result["uploads"] = measure_uploads(args, running)

@@ -9,7 +9,9 @@ every use.
 
 Server-sent event streams poll here too (``StatusPoller.events``): a stream lasts as long as its job, so
 through the ORM it held a pooled connection (and the request gate) for its whole life, and 45 streams
-starved every other request. Here each poll borrows a connection for one query and gives it back.
+starved every other request. Here a query borrows a connection and gives it back at once: one query a
+tick for the state of every streamed job together (``job_states``), and a stream's own query
+(``events``, key checked) only when its job has new events or its key is due for a check.
 """
 
 from __future__ import annotations
@@ -75,6 +77,27 @@ def _events_statement() -> sa.Select[Any]:
 EVENTS_AFTER = _events_statement()
 
 
+def _states_statement() -> sa.Select[Any]:
+    """Status, progress and newest event id of every job in ``:job_ids`` (no key: the caller checked)."""
+    jobs, events = Job.__table__, JobEvent.__table__
+    newest = sa.select(sa.func.max(events.c.id)).where(events.c.job_id == jobs.c.id).scalar_subquery()
+    return sa.select(jobs.c.id, jobs.c.status, jobs.c.progress, newest.label("last_event_id")).where(
+        jobs.c.id.in_(sa.bindparam("job_ids", expanding=True))
+    )
+
+
+JOB_STATES = _states_statement()
+
+
+@dataclass(frozen=True)
+class JobState:
+    """A job's status, progress and newest event id (None: no event yet)."""
+
+    status: str
+    progress: dict[str, Any] | None
+    last_event_id: int | None
+
+
 @dataclass(frozen=True)
 class JobEvents:
     """What one event poll read: whose key asked, the job's status and progress, and the events after
@@ -122,6 +145,12 @@ class StatusPoller:
             return None
         events = [row for row in rows if row.event_id is not None]
         return JobEvents(key_id=head.key_id, status=head.status, progress=head.progress, events=events)
+
+    async def job_states(self, job_ids: list[str]) -> dict[str, JobState]:
+        """The state of each job of ``job_ids`` that exists, in one query: what the event streams of all
+        jobs poll together (``api.streams.JobWatch``), so that open streams cost one query a tick."""
+        rows = await self._rows(JOB_STATES, {"job_ids": job_ids})
+        return {row.id: JobState(row.status, row.progress, row.last_event_id) for row in rows}
 
     async def _rows(self, statement: sa.Select[Any], params: dict[str, Any]) -> list[sa.Row[Any]]:
         async with self._admit:

@@ -360,7 +360,7 @@ async def job_events(
         raise HTTPException(404, detail=f"job {job_id[:64]!r} not found")
     if streaming:
         slot = request.app.state.streams.acquire(batch.key_id)  # 429 beyond the bounds
-        content = event_stream(request, poller, key, job_id, start, batch, request.app.state.sse_poll_seconds)
+        content = event_stream(request, request.app.state.job_watch, key, job_id, start, batch)
         return EventStreamResponse(content, slot)
     items = [event_out(row) for row in batch.events]
     return EventPage(items=items, next_after=items[-1].id if items else after)

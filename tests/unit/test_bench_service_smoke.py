@@ -21,7 +21,8 @@ def test_service_overhead_runs_and_prints_results(tmp_path: Path) -> None:
     cmd = [
         sys.executable, "-m", "bench.service_overhead", "--embedded",
         "--clients", "3", "--requests-per-client", "3", "--paced-requests", "2", "--poll-interval", "0.1",
-        "--rounds", "1", "--upload-mb", "1", "--teacher-arch", "tiny_cnn",
+        "--rounds", "1", "--upload-mb", "1", "--teacher-arch", "tiny_cnn", "--streams", "9",
+        "--stream-seconds", "1",
         "--log-dir", str(tmp_path / "logs"), "--json", str(out),
     ]  # fmt: skip
     env = {
@@ -39,6 +40,9 @@ def test_service_overhead_runs_and_prints_results(tmp_path: Path) -> None:
         "ours: p50",
         "bare: p50",
         "ratio ours/bare",
+        "-- 9 open event streams (2 keys",
+        "GET /v1/teachers       without streams: p50",
+        "one more on a full key: HTTP 429",
         "-- upload 1 MB",
         "dataset (junk",
         "teacher tiny_cnn",
@@ -55,6 +59,11 @@ def test_service_overhead_runs_and_prints_results(tmp_path: Path) -> None:
             numbers = result["polling"][mode][target]
             assert numbers["requests"] > 0 and numbers["errors"] == 0, numbers
     assert result["polling"]["status"] == "cancelled"
+    for phase in ("without", "with"):
+        for load in ("status_poll", "normal_request"):
+            numbers = result["streams"][phase][load]
+            assert numbers["requests"] > 0 and numbers["errors"] == 0, (phase, load, numbers)
+    assert result["streams"]["with"]["stream_statuses"] == {"200": 9}
     assert result["uploads"]["dataset"]["status"] == 422
     assert result["uploads"]["teacher"]["status"] == 201
     assert not [note for note in result["notes"] if "worker" in note], result["notes"]

@@ -89,7 +89,10 @@ def test_a_silent_stream_sends_heartbeats_then_ends(
     assert app.state.streams.open_total == 0
 
 
-def test_revoking_the_key_ends_its_stream(app: Any, client: TestClient) -> None:
+def test_revoking_the_key_ends_its_stream(
+    app: Any, client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(streams, "KEY_RECHECK_S", 0.1)
     key, job_id = _key_and_job(app)
 
     def revoke() -> None:
@@ -104,6 +107,49 @@ def test_revoking_the_key_ends_its_stream(app: Any, client: TestClient) -> None:
     thread.join()
     assert "event: status" in text and "event: end" not in text
     assert app.state.streams.open_total == 0
+
+
+def test_streams_of_one_job_share_one_poll(app: Any, client: TestClient) -> None:
+    """Between a job's events its streams follow one shared poll of the job's state, so many open
+    streams do not each cost a query every poll period."""
+    key, job_id = _key_and_job(app)
+    calls = {"events": 0, "job_states": 0}
+    poller = app.state.poller
+    for name in calls:
+        original = getattr(poller, name)
+
+        async def counted(*args: Any, _name: str = name, _original: Any = original) -> Any:
+            calls[_name] += 1
+            return await _original(*args)
+
+        setattr(poller, name, counted)
+    headers = {"Authorization": f"Bearer {key}", "Accept": "text/event-stream"}
+    texts: list[str] = []
+
+    def stream() -> None:
+        with client.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers) as r:
+            texts.append("".join(r.iter_text()))
+
+    readers = [threading.Thread(target=stream) for _ in range(5)]
+    for reader in readers:
+        reader.start()
+    deadline = time.monotonic() + 10
+    while app.state.streams.open_total < 5 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(1.0)  # about 50 poll periods of 0.02 s with five streams open
+
+    def finish() -> None:
+        with app.state.session_factory() as session:
+            job_state.transition(session, session.get(Job, job_id), "cancelled")
+            session.commit()
+
+    finish()
+    for reader in readers:
+        reader.join(10)
+    assert len(texts) == 5 and all("event: end" in text for text in texts)
+    # Each stream: its first poll and one for the cancel's event; the rest is the shared state poll.
+    assert calls["events"] <= 5 * 3, calls
+    assert 0 < calls["job_states"] < 5 * 50, calls
 
 
 def test_stream_slots_count_per_key_and_in_all() -> None:
