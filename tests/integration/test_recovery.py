@@ -212,3 +212,40 @@ def test_start_up_removes_what_dead_requests_left(
         s3c.abort_multipart_upload(
             Bucket=s3_bucket, Key="tenants/t/teachers/live/teacher.pt", UploadId=young_upload
         )
+
+
+def test_duplicate_deliveries_of_a_queued_job_claim_it_once(app: Any, service_settings: Settings) -> None:
+    """Several deliveries of one queued job (a resend while the first message was still there) race to
+    claim it on PostgreSQL: one attempt runs it, the others return at once as duplicates."""
+    from worker.lease import WorkerSettings
+    from worker.tasks import JobRun
+
+    _key(app, "alice")
+    with app.state.session_factory() as session:
+        tenant_id = session.scalar(sa.select(Tenant.id).where(Tenant.name == "alice"))
+        job = Job(tenant_id=tenant_id, student_arch="tiny_cnn", method="sat", params={}, status="queued")
+        session.add(job)
+        session.commit()
+        job_id = job.id
+    start = threading.Barrier(4)
+    outcomes: list[str | None] = []
+
+    def deliver() -> None:
+        run = JobRun(job_id, service_settings, WorkerSettings())
+        try:
+            start.wait()
+            outcomes.append(run._claim())
+        finally:
+            run.engine.dispose()
+
+    threads = [threading.Thread(target=deliver) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert outcomes.count(None) == 1, outcomes
+    duplicate = {"running on a live worker (duplicate delivery)", "claimed by another delivery"}
+    assert set(outcomes) - {None} <= duplicate
+    with app.state.session_factory() as session:
+        job = session.get(Job, job_id)
+        assert (job.status, job.attempts, job.lost_workers) == ("running", 1, 0)
