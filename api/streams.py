@@ -113,6 +113,12 @@ class EventStreamResponse(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self.slot.release()
+            # A stream cancelled while waiting to send is closed here, not whenever it is collected,
+            # so it stops watching its job now.
+            close = getattr(self.body_iterator, "aclose", None)
+            if close is not None:
+                with contextlib.suppress(Exception):
+                    await close()
 
 
 def event_out(row: sa.Row[Any]) -> EventOut:
@@ -152,6 +158,11 @@ class JobWatch:
         self._ticked: asyncio.Condition | None = None
         self._task: asyncio.Task[None] | None = None
 
+    @property
+    def watchers(self) -> int:
+        """Streams watching some job now."""
+        return sum(self._watchers.values())
+
     @contextlib.contextmanager
     def watching(self, job_id: str) -> Iterator[int]:
         """Register a stream of ``job_id`` for as long as the block runs; yields the current tick."""
@@ -187,8 +198,8 @@ class JobWatch:
             try:
                 self._states = await self.poller.job_states(sorted(self._watchers))
                 self._failed = False
-            except (sa.exc.SQLAlchemyError, OSError) as exc:
-                log.warning("the poll of the streamed jobs failed: %s", type(exc).__name__)
+            except Exception as exc:  # every stream ends (and says why in the log) rather than hang
+                log.warning("the poll of the streamed jobs failed: %s", type(exc).__name__, exc_info=True)
                 self._states, self._failed = {}, True
             async with self._ticked:
                 self._tick += 1

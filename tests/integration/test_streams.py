@@ -196,7 +196,7 @@ def test_open_streams_leave_other_requests_answering(make_app: Callable[..., Any
         deadline = time.monotonic() + 10
         while app.state.streams.open_total and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert app.state.streams.open_total == 0
+        assert app.state.streams.open_total == 0 and app.state.job_watch.watchers == 0
 
 
 def test_streams_per_key_and_per_process_are_bounded(make_app: Callable[..., Any]) -> None:
@@ -245,6 +245,13 @@ def test_streams_per_key_and_per_process_are_bounded(make_app: Callable[..., Any
             fresh = [Stream(port, first, later) for _ in range(3)]
             streams += fresh
             assert [s.status for s in fresh] == [200, 200, 200]
+            # Clients that go away mid-stream stop their job's watch as well.
+            for stream in fresh:
+                stream.close()
+            deadline = time.monotonic() + ANSWER_S
+            while app.state.job_watch.watchers and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert app.state.job_watch.watchers == 0 and app.state.streams.open_total == 0
         finally:
             for stream in streams:
                 stream.close()
