@@ -38,6 +38,7 @@ MIN_CONCLUSIVE_N = 100    # fewer images than this decide nothing
 CHECK_IMAGES = 500        # images measured by the teacher and final-student checks
 LOSS_DROP = 0.05          # a loss that fell by less than 5% of its first-epoch value "has not fallen"
 CLAIM_SLACK = 0.05        # measured this far (and z standard errors) below a claim: a warning
+SUSPICIOUS_BELOW = 0.5    # a teacher under this accuracy is also tried with the other input readings
 NORMALIZE_HINT = ("check the teacher's input normalisation: give the mean and std it was trained with "
                   "(--teacher-normalize 'm1,m2,m3;s1,s2,s3' in the CLI, 'normalize' when uploading), or "
                   "none if the model normalises inside itself")
@@ -160,7 +161,7 @@ def check_teacher(model: nn.Module, split: Split, num_classes: int, device: str 
         return check
     channels = int(split.x.shape[1])
     better: dict[str, float] = {}
-    if accuracy < 0.9:  # a teacher this good is read right; skip the extra forwards
+    if accuracy < SUSPICIOUS_BELOW:  # a teacher this good is read right: skip the extra forwards
         for name, other in _readings(model, normalize, channels).items():
             acc, _, _ = clean_accuracy(other, split, device, n)
             if _clearly_better(acc, accuracy, total):

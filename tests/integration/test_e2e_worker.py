@@ -45,6 +45,9 @@ JOB = {
     "attacks": ["clean", "fgsm", "pgd_sat"],
     "n_eval": N_EVAL,
     "device": "cpu",
+    # Two epochs on 512 images leave the student at chance (one class for every image): the guardrails
+    # would fail such a job; these scenarios test the plumbing, so they keep it, flagged.
+    "allow_degenerate": True,
 }
 
 
