@@ -155,6 +155,7 @@ class JobWatch:
         self._states: dict[str, JobState] = {}
         self._failed = False
         self._tick = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._ticked: asyncio.Condition | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -167,8 +168,9 @@ class JobWatch:
     def watching(self, job_id: str) -> Iterator[int]:
         """Register a stream of ``job_id`` for as long as the block runs; yields the current tick."""
         self._watchers[job_id] += 1
-        if self._ticked is None:
-            self._ticked = asyncio.Condition()
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:  # first use, or a new event loop (a test client per request)
+            self._loop, self._ticked, self._task = loop, asyncio.Condition(), None
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name="job-watch")
         try:
