@@ -28,7 +28,6 @@ from typing import Any
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from starlette.concurrency import run_in_threadpool
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +92,7 @@ async def periodic_cleanup(upload_dir: Path, store: Any, bounds: CleanupSettings
     bounds = bounds or CleanupSettings()
     while True:
         try:
-            await run_in_threadpool(cleanup_once, upload_dir, store, bounds)
+            await asyncio.to_thread(cleanup_once, upload_dir, store, bounds)
         except Exception:
             log.exception("clean-up pass failed")
         await asyncio.sleep(bounds.cleanup_every_s)
