@@ -249,3 +249,45 @@ def test_duplicate_deliveries_of_a_queued_job_claim_it_once(app: Any, service_se
     with app.state.session_factory() as session:
         job = session.get(Job, job_id)
         assert (job.status, job.attempts, job.lost_workers) == ("running", 1, 0)
+
+
+def test_three_lost_workers_do_not_fail_the_job(app: Any, service_settings: Settings) -> None:
+    """Three SIGKILLs of the worker during one job used to end it failed ("giving up after 3 attempts").
+    On PostgreSQL: each attempt claims the job, its worker falls silent, the reaper requeues it; the job
+    keeps going, the lost workers counted apart from the job's own failures."""
+    from datetime import timedelta
+
+    from worker.lease import WorkerSettings, reap_once
+    from worker.tasks import JobRun
+
+    _key(app, "alice")
+    with app.state.session_factory() as session:
+        tenant_id = session.scalar(sa.select(Tenant.id).where(Tenant.name == "alice"))
+        job = Job(tenant_id=tenant_id, student_arch="tiny_cnn", method="sat", params={}, status="queued")
+        session.add(job)
+        session.commit()
+        job_id = job.id
+    ws = WorkerSettings(stale_after_s=30)  # RD_MAX_ATTEMPTS 3, RD_MAX_LOST_WORKERS 10: the defaults
+    sent: list[str] = []
+    for attempt in range(1, 5):
+        run = JobRun(job_id, service_settings, ws)
+        try:
+            assert run._claim() is None and run.attempt == attempt
+        finally:
+            run.engine.dispose()
+        with app.state.session_factory() as session:  # SIGKILL: no heartbeat from now on
+            silent_since = sa.func.now() - timedelta(seconds=60)
+            session.execute(sa.update(Job).where(Job.id == job_id).values(updated_at=silent_since))
+            session.commit()
+        reap_once(app.state.session_factory, sent.append, ws.stale_after_s, ws.max_lost_workers)
+        with app.state.session_factory() as session:
+            job = session.get(Job, job_id)
+            assert job.status == "queued", job.error
+            assert (job.attempts, job.lost_workers, job.failed_attempts) == (attempt, attempt, 0)
+    assert sent == [job_id] * 4
+    # The fifth delivery still runs it (the bound itself: tests/unit/test_worker_lease.py).
+    run = JobRun(job_id, service_settings, ws)
+    try:
+        assert run._claim() is None and run.attempt == 5
+    finally:
+        run.engine.dispose()
