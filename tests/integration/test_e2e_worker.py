@@ -142,6 +142,12 @@ def test_job_runs_to_a_report_that_matches_the_weights(
     rows = {row["attack"]: row for row in report["final"]["best"]["rows"]}
     assert set(rows) == {"clean", "fgsm", "pgd_sat"}
     assert rows["clean"]["n"] == N_EVAL
+    # The job shows what the guardrails found, as the report says it (on PostgreSQL's JSON columns).
+    assert list(report)[:2] == ["degenerate_student", "warnings"]
+    assert job["degenerate_student"] == report["degenerate_student"]
+    assert set(report["warnings"]) <= set(job["warnings"])
+    assert job["teacher_accuracy"] == pytest.approx(report["teacher"]["check"]["accuracy"])
+    assert report["teacher"]["id"] == teacher_id and "path" not in report["teacher"]
     assert clean_accuracy(best, shared_dir, N_EVAL) == pytest.approx(rows["clean"]["accuracy"], abs=1e-12)
 
     # The console command against the same server: watch returns at once, download fetches all three.
