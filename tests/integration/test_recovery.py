@@ -19,6 +19,7 @@ from api.app import create_app
 from bench.stack import redis_server
 from service.auth import create_api_key
 from service.models import Job, Teacher, Tenant
+from service.queue import CeleryQueue
 from service.settings import Settings
 
 try:
@@ -160,7 +161,10 @@ def test_a_job_whose_message_redis_lost_still_runs(worker_services: WorkerServic
             job = stack.client.create_job(**TINY_JOB)
             broker = redis.Redis.from_url(url)
             assert broker.llen(stack.queue) == 1
+            waiting = CeleryQueue(Settings(var_dir=tmp_path / "var", broker_url=url, queue=stack.queue))
+            assert waiting.waiting_ids() == {job["id"]}  # while it is there, it is not sent again
             broker.flushall()  # what a restart without persistence leaves
+            assert waiting.waiting_ids() == set()
             broker.close()
             stack.start_worker()
             deadline = time.monotonic() + 180
