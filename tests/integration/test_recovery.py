@@ -145,6 +145,7 @@ def test_a_job_created_while_its_teacher_is_deleted_never_loses_it(client: TestC
     assert job["status"] == "cancelled" and job["teacher_id"] is None
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_job_whose_message_redis_lost_still_runs(worker_services: WorkerServices, tmp_path: Path) -> None:
     """Redis restarted without persistence while no worker ran: the job's message is gone, the database
