@@ -8,6 +8,7 @@ third-party CNN-A-Adv weights and CIFAR-10 images from ../shared when they are t
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -362,3 +363,25 @@ def test_every_number_has_an_upper_bound(change: dict[str, Any], field: str) -> 
         setattr(cfg, key, value)
     with pytest.raises(ConfigError, match=field):
         cfg.validate()
+
+
+def test_cli_fails_a_degenerate_student_or_keeps_it_flagged(colours16: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    from core.cli import main
+
+    _zero_frozen_head(monkeypatch)
+    args = ["distill", "--student", "tiny_cnn", "--method", "natural", "--dataset", "npz", "--data-root",
+            str(colours16), "--epochs", "2", "--batch-size", "32", "--lr", "0.05", "--warmup-epochs", "1",
+            "--collapse-patience", "2", "--val-size", "150", "--attacks", "clean", "--n-eval", "100",
+            "--device", "cpu", "--no-amp"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "error: the student is degenerate" in err and "--allow-degenerate" in err
+    assert "Traceback" not in err
+
+    assert main([*args, "--allow-degenerate", "--out", str(tmp_path / "b")]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("DEGENERATE STUDENT") and any("has not learnt" in line for line in err)
+    train = json.loads((tmp_path / "b" / "report.json").read_text())["train_config"]
+    assert (train["lr"], train["lr_rule"], train["warmup_epochs"]) == (0.05, "set explicitly", 1)

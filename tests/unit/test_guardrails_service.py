@@ -27,7 +27,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[tuple[Any, TestClient, dict[str, str], Settings]]:
     data = tmp_path / "data"
-    data.mkdir()
+    (data / "cifar-10-batches-py-partial").mkdir(parents=True)  # the API only checks the folder is there
+    (data / "cifar-10-batches-py-partial" / "batches.meta").write_bytes(b"x")
     settings = Settings(var_dir=tmp_path / "var", data_root=data, max_upload_bytes=2_000_000)
     app = create_app(settings, enqueue=lambda job_id: None, revoke=lambda job_id: None)
     with TestClient(app) as client:
@@ -110,8 +111,30 @@ def test_jobs_show_what_the_guardrails_found(stack: Any) -> None:
 
 def test_job_settings_are_bounded(stack: Any) -> None:
     _, client, alice, _ = stack
+    body = {"student": "tiny_cnn", "method": "sat", "dataset": "cifar10-partial", "lr": 0.05,
+            "warmup_epochs": 2, "collapse_patience": 0, "allow_degenerate": True}
+    assert client.post("/v1/jobs", headers=alice, json=body).status_code == 201
     for change in ({"lr": 100.0}, {"warmup_epochs": 10**6}, {"collapse_patience": -1},
-                   {"teacher_claimed_accuracy": 67}, {"method_params": {"steps": 10**100}}):
-        body = {"student": "tiny_cnn", "method": "sat", "dataset": "cifar10", **change}
-        r = client.post("/v1/jobs", headers=alice, json=body)
+                   {"teacher_claimed_accuracy": 67}, {"method_params": {"steps": 10**100}},
+                   {"method": "trades", "method_params": {"beta": 1e300}},
+                   {"method_params": {"milestones": [5, 10**12]}}):
+        r = client.post("/v1/jobs", headers=alice, json={**body, **change})
         assert r.status_code == 422, (change, r.text)
+        field = next(iter(change.get("method_params") or change))
+        assert field in r.text, r.text
+
+
+def test_the_client_prints_the_findings_last(capsys: pytest.CaptureFixture) -> None:
+    from api.client import _finish
+
+    job = {"id": "j1", "status": "succeeded", "error": None, "teacher_accuracy": 0.686,
+           "warnings": ["best checkpoint: clean accuracy 9.00% on 300 images is chance level"],
+           "degenerate_student": True}
+    assert _finish(None, job) == 0  # type: ignore[arg-type]
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0] == "teacher: 68.6% clean accuracy on the check images"
+    assert lines[1].startswith("warning: best checkpoint: clean accuracy 9.00%")
+    assert lines[-1].startswith("DEGENERATE STUDENT")
+    failed = {**job, "status": "failed", "error": "teacher check failed: ...", "degenerate_student": False}
+    assert _finish(None, failed) == 1  # type: ignore[arg-type]
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "job j1 failed: teacher check failed: ..."
