@@ -10,14 +10,18 @@ them with ``ExpansionLimits`` refuses such a file before any reader allocates an
 Python's ``zipfile`` never inflates a member beyond its declared size (and checks its CRC), so the
 declared sizes really bound what reading produces. safetensors readers check that the header's tensors
 exactly cover the file, so a safetensors file cannot expand; ``check_safetensors`` checks the same
-before the library maps it. Legacy (non-zip) ``torch.save`` pickles declare their storages inside the
-pickle; they are bounded by the memory limit of the process that checks them (api.check_process).
+before the library maps it. Legacy (non-zip) ``torch.save`` files declare each storage's size inside
+the pickle and torch allocates it before reading its bytes, which follow the pickle in the same file:
+``check_legacy_torch`` adds up the declared sizes by walking the pickle's opcodes (nothing is unpickled)
+and refuses a file whose storages could not fit in it.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import pickletools
 import struct
 import zipfile
 from collections.abc import Iterator
@@ -224,4 +228,107 @@ def check_safetensors(path: Path, name: str, limits: ExpansionLimits | None, err
     if limits is not None and total > limits.max_expanded_bytes:
         raise error(
             f"{name}: its tensors hold {total} bytes, more than {limits.max_expanded_bytes} ({limits.source})"
+        )
+
+
+# Bytes per element of the legacy storage classes (torch.<Name>Storage); unknown names count 16.
+_STORAGE_WIDTHS = {
+    "Double": 8, "Float": 4, "Half": 2, "BFloat16": 2, "Long": 8, "Int": 4, "Short": 2, "Char": 1,
+    "Byte": 1, "Bool": 1, "ComplexFloat": 8, "ComplexDouble": 16, "Untyped": 1,
+}  # fmt: skip
+_MARK = object()
+_MEMO_PUT = {"PUT", "BINPUT", "LONG_BINPUT"}
+_MEMO_GET = {"GET", "BINGET", "LONG_BINGET"}
+
+
+def _declared_storage(pid: object) -> tuple[object, int]:
+    """(key, bytes) a legacy persistent id ('storage', torch.XStorage, key, location, numel, ...) asks for;
+    views of one storage repeat its key, and torch allocates it once."""
+    if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
+        return None, 0
+    kind, key, numel = pid[1], pid[2], pid[4]
+    name = kind[2] if isinstance(kind, tuple) and len(kind) == 3 else ""
+    width = _STORAGE_WIDTHS.get(str(name).removesuffix("Storage"), 16)
+    return key, (int(numel) * width if isinstance(numel, int) and numel > 0 else 0)
+
+
+def _pickle_storage_bytes(f: io.BufferedReader) -> int:
+    """Walk one pickle's opcodes (never executing it) and add up the storages it declares."""
+    stack: list[object] = []
+    memo: dict[object, object] = {}
+    storages: dict[object, int] = {}
+
+    def pop_to_mark() -> list[object]:
+        items: list[object] = []
+        while stack:
+            item = stack.pop()
+            if item is _MARK:
+                return items[::-1]
+            items.append(item)
+        raise ValueError("pickle stack underflow")
+
+    for op, arg, _ in pickletools.genops(f):
+        name = op.name
+        if name == "STOP":
+            return sum(storages.values())
+        if name == "MARK":
+            stack.append(_MARK)
+        elif name == "GLOBAL":
+            stack.append(("global", *str(arg).split(" ", 1)))
+        elif name == "STACK_GLOBAL":
+            qual, module = stack.pop(), stack.pop()
+            stack.append(("global", module, qual))
+        elif name in _MEMO_PUT:
+            memo[arg] = stack[-1] if stack else None
+        elif name == "MEMOIZE":
+            memo[len(memo)] = stack[-1] if stack else None
+        elif name in _MEMO_GET:
+            stack.append(memo.get(arg))
+        elif name == "TUPLE":
+            stack.append(tuple(pop_to_mark()))
+        elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
+            n = int(name[-1])
+            items, stack[-n:] = stack[-n:], []
+            stack.append(tuple(items))
+        elif name == "BINPERSID":
+            key, nbytes = _declared_storage(stack.pop())
+            storages[repr(key)] = max(nbytes, storages.get(repr(key), 0))
+            stack.append(None)
+        else:  # any other opcode: only its effect on the stack's depth matters here
+            before = op.stack_before
+            if pickletools.markobject in before:
+                pop_to_mark()
+                below = before.index(pickletools.markobject)
+            else:
+                below = len(before)
+            if below:
+                if len(stack) < below:
+                    raise ValueError("pickle stack underflow")
+                del stack[-below:]
+            after = op.stack_after
+            stack.extend([arg if not before and len(after) == 1 else None] * len(after))
+    raise ValueError("pickle without STOP")
+
+
+def check_legacy_torch(path: Path, name: str, limits: ExpansionLimits | None, error: type[UserError]) -> None:
+    """A legacy ``torch.save`` file (magic, protocol, sys_info, the object, then the storages' bytes):
+    the storages its object declares must fit in the file, and in ``limits``."""
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as f:
+            for _ in range(3):  # the magic number, the protocol version, the system info
+                for _op in pickletools.genops(f):
+                    pass
+            declared = _pickle_storage_bytes(f)  # type: ignore[arg-type]
+    except (ValueError, TypeError, IndexError, KeyError, EOFError, OSError):
+        raise error(f"{name} is not a readable PyTorch checkpoint (its pickle is malformed)") from None
+    if declared > size:
+        raise error(
+            f"{name} declares tensor storages of {declared} bytes but the file holds only {size}; "
+            "the file is truncated or forged"
+        )
+    if limits is not None and declared > limits.max_expanded_bytes:
+        raise error(
+            f"{name} declares {declared} bytes of tensors, more than {limits.max_expanded_bytes} "
+            f"({limits.source})"
         )

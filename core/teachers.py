@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from core.archive_limits import ExpansionLimits, check_safetensors, zip_members
+from core.archive_limits import ExpansionLimits, check_legacy_torch, check_safetensors, zip_members
 from core.errors import ConfigError, ModelLoadError
 from core.models import create_model, list_models
 
@@ -230,6 +230,8 @@ def _check_expansion(path: Path, limits: ExpansionLimits | None) -> None:
         head = f.read(9)
     if head.startswith(b"PK\x03\x04"):
         zip_members(path, path.name, limits, ModelLoadError)
+    elif len(head) == 9 and _LEGACY_MAGIC.startswith(head):
+        check_legacy_torch(path, path.name, limits, ModelLoadError)
     elif len(head) == 9 and head[8:9] == b"{":
         check_safetensors(path, path.name, limits, ModelLoadError)
 

@@ -211,6 +211,34 @@ def test_torch_zip_bomb_is_refused_before_torch_reads_it(env: SimpleNamespace) -
     _nothing_kept(env)
 
 
+def _legacy_torch_save(obj: Any) -> bytes:
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf, _use_new_zipfile_serialization=False)
+    return buf.getvalue()
+
+
+def test_legacy_checkpoint_declaring_more_than_it_holds_is_refused_unread(env: SimpleNamespace) -> None:
+    import struct
+
+    import torch
+
+    from core.models import create_model
+
+    ok = _post_teacher(env, _legacy_torch_save(create_model("tiny_cnn", 10).state_dict()), arch="tiny_cnn")
+    assert ok.status_code == 201, ok.text
+    assert env.client.delete(f"/v1/teachers/{ok.json()['id']}", headers=env.alice).status_code == 204
+    # A 31 KB file whose pickle asks torch to allocate a 1 GiB storage before reading its bytes.
+    legacy = _legacy_torch_save({"sub_block1.w": torch.zeros(7919)})
+    forged = legacy.replace(b"M" + struct.pack("<H", 7919), b"J" + struct.pack("<i", 2**28))
+    _refused(
+        _post_teacher(env, forged, arch="tiny_cnn"),
+        "t.pt declares tensor storages of 1073741824 bytes but the file holds only",
+    )
+    _nothing_kept(env)
+
+
 def test_datasets_are_checked_outside_the_api_process(
     env: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
 ) -> None:
