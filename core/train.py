@@ -30,7 +30,16 @@ from core.device import autocast, depthwise_in_fp32, memory_format, resolve_devi
 from core.errors import Cancelled, ConfigError
 from core.fold import FoldedEval
 from core.guardrails import CollapseDetector
+from core.lr_schedule import resolve_lr, resolve_warmup, warmup_factor
 from core.methods import Batch, Method
+from core.run_state import (  # noqa: F401  (plain_state_dict is imported from here too)
+    Determinism,
+    _atomic_save,
+    _mix,
+    _rng_state,
+    _set_rng_state,
+    plain_state_dict,
+)
 
 EventFn = Callable[[dict[str, Any]], None]
 StopFn = Callable[[], bool]
@@ -39,33 +48,6 @@ StopFn = Callable[[], bool]
 _RUN_KEYS = ("epochs", "milestones", "batch_size", "lr", "warmup_epochs", "momentum", "weight_decay", "seed")
 # Defaults of run keys that older checkpoints did not record.
 _RUN_KEY_DEFAULTS = {"warmup_epochs": 0}
-
-# The methods' reference learning rate and the batch size it was tuned for (every method here trains
-# with SGD lr 0.1 at batch 128). Another batch size scales it linearly (Goyal et al. 2017, "Accurate,
-# Large Minibatch SGD"): a batch of 64 takes half as large a step, as it averages half as many gradients.
-REFERENCE_LR, REFERENCE_BATCH = 0.1, 128
-MAX_AUTO_WARMUP = 5  # epochs of warm-up when the linear rule raises the lr (batch > 128), at most
-
-
-def resolve_lr(lr: float | None, batch_size: int) -> tuple[float, str]:
-    """(the learning rate, why): ``lr`` when given, else the reference lr scaled by batch_size / 128."""
-    if lr is not None:
-        return float(lr), "set explicitly"
-    if batch_size == REFERENCE_BATCH:
-        return REFERENCE_LR, f"reference: {REFERENCE_LR:g} at batch {REFERENCE_BATCH}"
-    return (REFERENCE_LR * batch_size / REFERENCE_BATCH,
-            f"linear: {REFERENCE_LR:g} x {batch_size}/{REFERENCE_BATCH}")
-
-
-def resolve_warmup(warmup_epochs: int | None, lr: float | None, batch_size: int, epochs: int) -> int:
-    """Warm-up epochs: as given; else none, unless the linear rule raised the lr above the reference
-    (batch > 128, lr not set): then min(5, epochs // 10), the large-batch recipe's gradual warm-up."""
-    if warmup_epochs is not None:
-        return int(warmup_epochs)
-    if lr is None and batch_size > REFERENCE_BATCH:
-        return min(MAX_AUTO_WARMUP, epochs // 10)
-    return 0
-
 
 @dataclass
 class TrainConfig:
@@ -116,57 +98,8 @@ def bf16_supported(device: torch.device) -> bool:
     return False
 
 
-def _mix(*parts: int) -> int:
-    """A 63-bit seed from a few ints (splitmix64 steps), so (seed, epoch, stream) never collide simply."""
-    h = 0x9E3779B97F4A7C15
-    for p in parts:
-        h = (h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        h ^= h >> 31
-    return h & 0x7FFFFFFFFFFFFFFF
-
-
 def _size(split: Split) -> int:
     return int(split.y.shape[0])
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file, fsync, then rename: a reader never sees a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """CPU, contiguous copies of the weights: loads into the registry architecture anywhere."""
-    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
-
-
-def _rng_state() -> dict[str, Any]:
-    """Every global RNG, as tensors / lists / tuples so ``torch.load(weights_only=True)`` reads it back."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    n = state["numpy"]
-    keys = n["keys"].numpy().astype(np.uint32)
-    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["gauss"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class ProgressMeter:
@@ -187,30 +120,6 @@ class ProgressMeter:
         eta = (now - self.t_start) / done * (1.0 - fraction) if done > 0 else None
         self.emit({"type": "progress", "epoch": epoch + 1, "epochs": self.epochs, "step": step,
                    "steps": steps, "fraction": fraction, "eta_s": eta, **self.extra})
-
-
-class Determinism:
-    """Sets torch's global determinism flags for one run and puts the previous ones back after it."""
-
-    def __init__(self, deterministic: bool, device: torch.device) -> None:
-        self.deterministic, self.device = deterministic, device
-
-    def __enter__(self) -> None:
-        self.saved = (torch.are_deterministic_algorithms_enabled(),
-                      torch.is_deterministic_algorithms_warn_only_enabled(),
-                      torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
-        if self.deterministic:
-            if self.device.type == "cuda":
-                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True, warn_only=True)
-            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-        elif self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # fixed 32x32 shapes: autotuning pays off at once
-
-    def __exit__(self, *exc: object) -> None:
-        enabled, warn_only, cudnn_det, cudnn_bench = self.saved
-        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn_det, cudnn_bench
 
 
 class Trainer:
@@ -384,10 +293,7 @@ class Trainer:
     def _warmup_factor(self, epoch: int, step: int) -> float:
         """Linear warm-up: step s of W warm-up epochs' steps uses s / (W x steps) of the lr (a pure
         function of (epoch, step), so a resumed run warms up exactly as the uninterrupted one)."""
-        if epoch >= self.warmup_epochs:
-            return 1.0
-        steps = self.steps_per_epoch()
-        return (epoch * steps + step) / (self.warmup_epochs * steps)
+        return warmup_factor(epoch, step, self.steps_per_epoch(), self.warmup_epochs)
 
     def end_epoch(self) -> dict[str, Any]:
         return {**{k: v / max(self._seen, 1) for k, v in self._sums.items()}, "images": self._seen}
