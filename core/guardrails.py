@@ -158,6 +158,7 @@ def check_teacher(model: nn.Module, split: Split, num_classes: int, device: str 
     if record["at_chance"] is None:
         record["note"] = (f"only {total} images to measure on (at least {MIN_CONCLUSIVE_N} are needed to "
                           "tell a teacher from guessing): not judged")
+        record["passed"] = None
         return check
     channels = int(split.x.shape[1])
     better: dict[str, float] = {}
