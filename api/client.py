@@ -262,10 +262,16 @@ class DistillClient:
         bar.n = round(100 * min(max(fraction, 0.0), 1.0), 1)
         bar.set_description_str(f"{job['id'][:8]} {job['status']}")
         parts = []
-        if p.get("epochs"):
-            parts.append(f"epoch {p.get('epoch') or 0}/{p['epochs']}")
-        if p.get("steps"):
-            parts.append(f"step {p.get('step') or 0}/{p['steps']}")
+        if p.get("phase") == "evaluating":  # the fraction is the evaluation's own, from 0 again
+            who = f"{p['student']} " if p.get("student") else ""
+            parts.append(f"eval {who}{p.get('checkpoint') or '?'} {p.get('attack') or '?'}")
+            if p.get("total"):
+                parts.append(f"{p.get('done') or 0}/{p['total']}")
+        else:
+            if p.get("epochs"):
+                parts.append(f"epoch {p.get('epoch') or 0}/{p['epochs']}")
+            if p.get("steps"):
+                parts.append(f"step {p.get('step') or 0}/{p['steps']}")
         metrics = job.get("latest_metrics") or {}
         parts += [
             f"{label} {_fmt_metric(metrics[k])}" for k, label in BAR_METRICS if metrics.get(k) is not None

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 JobStatus = Literal["queued", "running", "evaluating", "succeeded", "failed", "cancelled"]
 ModelFormat = Literal["auto", "torchscript", "export", "state_dict", "safetensors"]
@@ -151,12 +151,28 @@ class JobCreate(BaseModel):
 
 
 class Progress(BaseModel):
+    """Where the job is. Training: epoch/epochs and step/steps. Evaluation (``phase`` 'evaluating'): which
+    checkpoint under which attack, and ``done`` of ``total`` examples for it. ``fraction`` is the share of
+    the current phase done; ``eta_s`` the seconds that phase has left at its rate so far."""
+
+    phase: Literal["training", "evaluating"] | None = None
     epoch: int | None = None
     epochs: int | None = None
     step: int | None = None
     steps: int | None = None
+    checkpoint: str | None = Field(default=None, description="'best' or 'last', while evaluating")
+    attack: str | None = Field(default=None, description="The attack running, while evaluating")
+    done: int | None = Field(default=None, description="Examples of the checkpoint done under the attack")
+    total: int | None = Field(default=None, description="Examples the checkpoint is evaluated on")
+    student: str | None = Field(default=None, description="Which student, in a several-student job")
     fraction: float | None = None
     eta_s: float | None = None
+
+    @model_serializer(mode="wrap")
+    def _known_only(self, handler: SerializerFunctionWrapHandler):  # type: ignore[no-untyped-def]
+        """Only what the job has reported: a training job's progress carries no evaluation keys. (No return
+        annotation: the document then shows the model's fields, not a bare object.)"""
+        return {k: v for k, v in handler(self).items() if v is not None}
 
 
 class JobOut(BaseModel):

@@ -34,6 +34,7 @@ from core.config import (  # noqa: F401  (DistillConfig and the defaults are imp
 from core.data import DatasetBundle, Split, load_dataset
 from core.device import resolve_device
 from core.errors import ConfigError, ModelLoadError
+from core.eval_progress import EvaluationProgress, ProgressFn
 from core.evaluate import evaluate_model
 from core.models import create_model
 from core.teachers import load_model_file
@@ -177,7 +178,7 @@ def run_multi_distillation(cfg: DistillConfig, out_dir: str | os.PathLike, *, on
     _emit(on_event, {"type": "status", "status": "evaluating"})
     reports: dict[str, Any] = {}
     for name, sub in subs.items():
-        reports[name] = job.report(sub, fits[name], out / name, started, checks[name])
+        reports[name] = job.report(sub, fits[name], out / name, started, checks[name], student=name)
         _write_json(reports[name], out / name / "report.json")
     degenerate = sorted(name for name, r in reports.items() if r["degenerate_student"])
     warnings = list(job.warnings)
@@ -291,12 +292,16 @@ class _Inputs:
                        out, on_event=on_event, should_stop=self.should_stop)
 
     def report(self, cfg: DistillConfig, fit: dict[str, Any], out: Path, started: float,
-               check: dict[str, Any]) -> dict[str, Any]:
+               check: dict[str, Any], student: str = "") -> dict[str, Any]:
         """Evaluate the best and the last checkpoint on the test split; the run's report. Its first keys
-        say whether the student is degenerate and what went wrong (``warnings``)."""
+        say whether the student is degenerate and what went wrong (``warnings``). Progress events of the
+        evaluation (``core.eval_progress``) carry ``student`` when given."""
         final: dict[str, Any] = {}
         warnings = list(self.warnings) + [w for w in fit.get("warnings", []) if w not in self.warnings]
         last_epoch = fit["history"][-1]["epoch"] if fit["history"] else None
+        meter = EvaluationProgress(1 if fit["best"]["epoch"] == last_epoch else 2,
+                                   lambda event: _emit(self.on_event, event),
+                                   **({"student": student} if student else {}))
         for which, epoch in (("last", last_epoch), ("best", fit["best"]["epoch"])):
             if which == "best" and epoch == last_epoch:
                 final["best"] = {**final["last"], "same_as_last": True}
@@ -304,7 +309,8 @@ class _Inputs:
             model = create_model(cfg.student, self.data.num_classes)
             state = torch.load(out / f"student_{which}.pt", map_location="cpu", weights_only=True)
             model.load_state_dict(state)
-            final[which] = {"epoch": epoch, **_evaluate(model, self.data, cfg, self.device, self.should_stop)}
+            final[which] = {"epoch": epoch, **_evaluate(model, self.data, cfg, self.device, self.should_stop,
+                                                        meter.hook(which) if self.on_event else None)}
         final = {"best": final["best"], "last": final["last"]}
         for which in ("best", "last"):
             for message in final[which]["warnings"]:
@@ -328,11 +334,11 @@ class _Inputs:
 
 
 def _evaluate(model: nn.Module, data: DatasetBundle, cfg: DistillConfig, device: torch.device,
-              should_stop: StopFn | None) -> dict[str, Any]:
+              should_stop: StopFn | None, on_progress: ProgressFn | None = None) -> dict[str, Any]:
     """The paper's white-box suite on the test split, fp32, the job's eps and seed."""
     return evaluate_model(model, data.test.x, data.test.y, list(cfg.attacks), eps=cfg.eval_eps,
                           n_examples=cfg.n_eval, batch_size=cfg.eval_batch_size, device=device,
-                          should_stop=should_stop, seed=cfg.seed)
+                          should_stop=should_stop, on_progress=on_progress, seed=cfg.seed)
 
 
 def run_evaluation(model_path: str | os.PathLike, *, arch: str | None = None, normalize: str | None = None,

@@ -322,13 +322,18 @@ class JobRun:
     def _on_event(self, event: dict[str, Any]) -> None:
         kind = event.get("type")
         if kind == "progress":
+            # Training steps and evaluation batches alike (``phase``: training | evaluating): at most one
+            # write a second, except an epoch's last step or an attack's last batch.
             now = time.monotonic()
-            last_step = event.get("step") == event.get("steps")
-            if now - self._last_progress < PROGRESS_EVERY_S and not last_step:
+            last = (event.get("steps") is not None and event.get("step") == event.get("steps")) or (
+                event.get("total") is not None and event.get("done") == event.get("total")
+            )
+            if now - self._last_progress < PROGRESS_EVERY_S and not last:
                 return
             self._last_progress = now
+            progress = {"phase": "training", **{k: v for k, v in event.items() if k != "type"}}
             with self._write() as session:
-                set_progress(session, self.job_id, finite({k: v for k, v in event.items() if k != "type"}))
+                set_progress(session, self.job_id, finite(progress))
         elif kind == "epoch":
             epoch, metrics = int(event["epoch"]), finite(dict(event.get("metrics") or {}))
             student = str(event.get("student") or "")
