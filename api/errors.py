@@ -96,6 +96,12 @@ async def http_error(request: Request, exc: StarletteHTTPException) -> JSONRespo
     return JSONResponse(error_body(detail), status_code=exc.status_code, headers=headers or None)
 
 
+async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+    """A bug is still answered in the one shape, naming nothing of the server (the traceback goes to the
+    log: the framework re-raises after this response)."""
+    return JSONResponse(error_body("internal error; it was logged"), status_code=500)
+
+
 # ---------------------------------------------------------------- the OpenAPI document
 
 
@@ -191,4 +197,5 @@ def install(app: FastAPI) -> None:
     request validation, ``UserError``, ``IllegalTransition`` and ``ObjectNotFound`` in ``api.app``
     answer the same shape.)"""
     app.add_exception_handler(StarletteHTTPException, http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, internal_error)
     app.openapi = lambda: openapi_document(app)  # type: ignore[method-assign]

@@ -175,3 +175,17 @@ def test_error_out_is_the_model_routes_name(tmp_path: Path) -> None:
     from api import schemas
 
     assert schemas.Message is schemas.ErrorOut and schemas.NOT_FOUND[404]["model"] is ErrorOut
+
+
+def test_a_bug_is_a_500_in_the_same_shape(tmp_path: Path) -> None:
+    app = create_app(Settings(var_dir=tmp_path / "var", data_root=tmp_path), enqueue=lambda _: None)
+
+    @app.get("/boom")
+    def boom() -> None:
+        raise RuntimeError(f"secret {tmp_path}")
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        r = client.get("/boom")
+    assert r.status_code == 500 and r.headers["content-type"] == "application/json"
+    assert ErrorOut.model_validate(r.json()).detail == "internal error; it was logged"
+    assert str(tmp_path) not in r.text
