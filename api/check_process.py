@@ -126,9 +126,11 @@ def _run_one(fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[str, Any]:
 
 
 def child_entry() -> None:
-    """``python -c 'from api.check_process import child_entry; child_entry()' FD PARENT MEM RECYCLE``."""
+    """``python -c 'from api.check_process import child_entry; child_entry()' FD PARENT MEM RECYCLE
+    MODULES``: MODULES (comma-separated) are imported before the first check."""
     fd, parent_pid, memory_bytes, recycle_bytes = (int(v) for v in sys.argv[1:5])
-    _child_main(Connection(fd), parent_pid, memory_bytes, recycle_bytes, PRELOAD)
+    preload = tuple(m for m in sys.argv[5].split(",") if m) if len(sys.argv) > 5 else PRELOAD
+    _child_main(Connection(fd), parent_pid, memory_bytes, recycle_bytes, preload)
 
 
 def _child_main(
@@ -213,7 +215,16 @@ async def _readable(conn: Connection, timeout: float) -> bool:
 class IsolatedChecker:
     """Runs ``fn(*args)`` in a checking child process, within the limits in the module docstring."""
 
-    def __init__(self, *, timeout_s: float, memory_mb: int, concurrency: int, recycle_mb: int = 256) -> None:
+    def __init__(
+        self,
+        *,
+        timeout_s: float,
+        memory_mb: int,
+        concurrency: int,
+        recycle_mb: int = 256,
+        preload: tuple[str, ...] = PRELOAD,
+    ) -> None:
+        self.preload = preload
         self.timeout_s = timeout_s
         self.memory_mb = memory_mb
         self.concurrency = concurrency
@@ -241,6 +252,7 @@ class IsolatedChecker:
         command = [
             sys.executable, "-c", "from api.check_process import child_entry; child_entry()",
             str(child_end.fileno()), str(os.getpid()), str(self.memory_mb * mb), str(self.recycle_mb * mb),
+            ",".join(self.preload),
         ]  # fmt: skip
         try:
             process = subprocess.Popen(command, pass_fds=[child_end.fileno()], env=env, cwd=REPO)

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
+from upload_check_tasks import keep_megabytes
 
 from api.app import create_app
 from api.check_process import IsolatedChecker
@@ -375,15 +376,11 @@ def test_memory_hog_is_refused_naming_the_limit(env: SimpleNamespace) -> None:
     _nothing_kept(env)
 
 
-def keep_megabytes(mb: int) -> int:
-    """A check that leaves memory behind (a module global), so its child must be replaced."""
-    globals().setdefault("_kept", []).append(np.ones(mb * 2**20, np.uint8))
-    return os.getpid()
-
-
 def test_a_child_that_kept_memory_is_replaced() -> None:
     async def scenario() -> list[int]:
-        checker = IsolatedChecker(timeout_s=60, memory_mb=1024, concurrency=1, recycle_mb=128)
+        checker = IsolatedChecker(
+            timeout_s=60, memory_mb=1024, concurrency=1, recycle_mb=128, preload=("numpy",)
+        )
         try:
             pids = [await checker.run(os.getpid), await checker.run(os.getpid)]
             pids.append(await checker.run(keep_megabytes, 300))
