@@ -31,6 +31,7 @@ import gc
 import importlib
 import logging
 import os
+import pickle
 import resource
 import signal
 import socket
@@ -168,9 +169,18 @@ def _child_main(
             or _resident_bytes() > base_rss + recycle_bytes
             or _address_space_bytes() > base_vm + memory_bytes // 2
         )
-        conn.send((kind, value, retire))
+        _send_reply(conn, kind, value, retire)
         if retire:
             return
+
+
+def _send_reply(conn: Connection, kind: str, value: Any, retire: bool) -> None:
+    """Send the outcome; one that cannot be pickled (an odd exception) goes back as its text."""
+    try:
+        conn.send((kind, value, retire))
+    except (pickle.PicklingError, TypeError, AttributeError) as exc:
+        text = str(value) if kind == "user" else f"the check's result cannot be sent back: {exc}"
+        conn.send(("user", UserError(text), retire) if kind == "user" else ("error", text, retire))
 
 
 # ---------------------------------------------------------------- the parent
