@@ -64,7 +64,7 @@ def _zero_bomb(images: int = 21_845) -> bytes:
         header, {"descr": "|u1", "fortran_order": False, "shape": (images, 32, 32, 3)}
     )
     out = io.BytesIO()
-    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
         with zf.open("x.npy", "w", force_zip64=True) as f:
             f.write(header.getvalue())
             zeros = bytes(images * 3072 // 16)
