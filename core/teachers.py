@@ -229,7 +229,7 @@ def _check_expansion(path: Path, limits: ExpansionLimits | None) -> None:
     with path.open("rb") as f:
         head = f.read(9)
     if head.startswith(b"PK\x03\x04"):
-        zip_members(path, path.name, limits, ModelLoadError)
+        zip_members(path, path.name, limits, ModelLoadError, model=True)
     elif len(head) == 9 and _LEGACY_MAGIC.startswith(head):
         check_legacy_torch(path, path.name, limits, ModelLoadError)
     elif len(head) == 9 and head[8:9] == b"{":

@@ -212,6 +212,22 @@ def test_torch_zip_bomb_is_refused_before_torch_reads_it(env: SimpleNamespace) -
     _nothing_kept(env)
 
 
+def test_model_zip_may_not_unpack_far_beyond_its_own_size(tmp_path: Path) -> None:
+    """Under a generous absolute limit a small teacher still may not inflate to many times its size:
+    torch writes tensors uncompressed, so only a bomb does that."""
+    from core.errors import ModelLoadError
+    from core.teachers import load_model_file
+
+    path = tmp_path / "t.pt"
+    path.write_bytes(_deflated_torch_save(extra_floats=8 * 2**20))  # 32 MiB of zeros in ~40 KB
+    generous = ExpansionLimits(max_expanded_bytes=2**40, max_array_elements=2**40, source="test")
+    with pytest.raises(ModelLoadError, match="the file's own size"):
+        load_model_file(path, arch="tiny_cnn", num_classes=10, limits=generous)
+    honest = tmp_path / "honest.pt"
+    honest.write_bytes(_deflated_torch_save(extra_floats=1))
+    assert load_model_file(honest, arch="tiny_cnn", num_classes=10, limits=generous).num_classes == 10
+
+
 def _legacy_torch_save(obj: Any) -> bytes:
     import torch
 
