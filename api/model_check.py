@@ -66,6 +66,43 @@ def _checker(request: Request) -> IsolatedChecker:
 CheckerDep = Annotated[IsolatedChecker, Depends(_checker)]
 
 
+@dataclass(frozen=True)
+class AccuracyCheck:
+    """Where the checking process measures the teacher: a builtin dataset's validation split."""
+
+    dataset: str
+    data_root: str
+    claimed_accuracy: float | None = None
+
+
+# The validation split a default job carves (val_size 1000, seed 0): the job-start check measures the
+# same kind of images, on the job's own split.
+UPLOAD_CHECK_VAL_SIZE = 1000
+
+
+def _measure_accuracy(loaded: Any, check: AccuracyCheck) -> dict[str, Any]:
+    """The teacher's clean accuracy on the dataset's validation split and the guardrails' verdict
+    (core.guardrails.check_teacher), recorded, never raised: the job-start check is what fails a job."""
+    from core.data import load_dataset
+    from core.errors import UserError
+    from core.guardrails import check_teacher
+
+    try:
+        data = load_dataset(check.dataset, check.data_root, val_size=UPLOAD_CHECK_VAL_SIZE, seed=0)
+    except UserError:
+        return {"dataset": check.dataset, "measured": False, "note": "the dataset could not be read here"}
+    verdict = check_teacher(
+        loaded.model, data.val, data.num_classes, "cpu", normalize=loaded.normalize,
+        claimed_accuracy=check.claimed_accuracy,
+    )
+    record = {"dataset": check.dataset, "measured": True, **verdict.record}
+    warnings = list(verdict.warnings)
+    if verdict.failure:
+        warnings.insert(0, f"a job on this teacher will fail its teacher check: {verdict.failure}")
+    record["warnings"] = warnings
+    return record
+
+
 def _check_model(
     path: Path,
     arch: str | None,
@@ -73,8 +110,10 @@ def _check_model(
     normalize: str | None,
     fmt: str,
     limits: ExpansionLimits | None,
+    accuracy_on: AccuracyCheck | None = None,
 ) -> CheckedModel:
-    """Load and probe the file on the CPU (blocking; runs in the checking process)."""
+    """Load and probe the file on the CPU (blocking; runs in the checking process); with
+    ``accuracy_on``, also measure its clean accuracy (``probe["accuracy_check"]``)."""
     from core.errors import ModelLoadError, UserError
     from core.teachers import load_model_file
 
@@ -93,13 +132,16 @@ def _check_model(
     if loaded.normalize is not None:
         mean, std = loaded.normalize
         norm = {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}
+    probe = dict(loaded.probe)
+    if accuracy_on is not None:
+        probe["accuracy_check"] = _measure_accuracy(loaded, accuracy_on)
     checked = CheckedModel(
         format=loaded.format,
         arch=loaded.arch,
         num_classes=loaded.num_classes,
         num_params=loaded.num_params,
         normalize=norm,
-        probe=dict(loaded.probe),
+        probe=probe,
     )
     del loaded  # the checking process collects and trims after each check (api.check_process)
     return checked
@@ -129,10 +171,11 @@ async def check_model_isolated(
     num_classes: int | None,
     normalize: str | None,
     fmt: str,
+    accuracy_on: AccuracyCheck | None = None,
 ) -> CheckedModel:
     """``_check_model`` in a checking process; a limit or a crash there refuses the file (422)."""
     limits = expansion_limits(settings)
-    return await checker.run(_check_model, path, arch, num_classes, normalize, fmt, limits)
+    return await checker.run(_check_model, path, arch, num_classes, normalize, fmt, limits, accuracy_on)
 
 
 async def check_dataset_isolated(

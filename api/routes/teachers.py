@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep, owned, plain_text
-from api.model_check import CheckedModel, CheckerDep, check_model_isolated
+from api.model_check import AccuracyCheck, CheckedModel, CheckerDep, check_model_isolated
 from api.routes.datasets import resolve_dataset
 from api.schemas import NOT_FOUND, Message, ModelFormat, TeacherList, TeacherOut
 from api.uploads import ReceivedFile, forget_object, received_upload
@@ -107,10 +107,19 @@ async def upload_teacher(
     ] = None,
     num_classes: Annotated[int | None, Form(ge=2, le=100_000)] = None,
     name: Annotated[str | None, Form(max_length=255)] = None,
+    claimed_accuracy: Annotated[
+        float | None,
+        Form(gt=0, le=1, description="The teacher's clean accuracy as its uploader knows it (0-1)"),
+    ] = None,
 ) -> Teacher:
-    """Upload a teacher. It is loaded and run once on random images; only a file that passes is kept."""
+    """Upload a teacher. It is loaded and run once on random images; only a file that passes is kept.
+
+    With a builtin ``dataset`` its clean accuracy on that dataset's validation split is measured too
+    (``probe.accuracy_check``, with warnings when it is at chance, looks misread or falls well below
+    ``claimed_accuracy``); a job's own teacher check before training is what fails a job."""
     arch, normalize = plain_text(arch, "arch"), plain_text(normalize, "normalize")
     dataset, name = plain_text(dataset, "dataset"), plain_text(name, "name")
+    accuracy_on: AccuracyCheck | None = None
     if dataset is not None:
         resolved = await run_in_threadpool(resolve_dataset, session, settings, tenant, dataset)
         if num_classes is not None and num_classes != resolved.num_classes:
@@ -119,10 +128,12 @@ async def upload_teacher(
                 detail=f"num_classes {num_classes} contradicts dataset {dataset!r} ({resolved.num_classes})",
             )
         num_classes = resolved.num_classes
+        if resolved.dataset_id is None:
+            accuracy_on = AccuracyCheck(resolved.name, str(settings.data_root), claimed_accuracy)
     filename = safe_filename(file.filename, "teacher.bin")
     async with received_upload(file, settings.upload_dir, settings.max_upload_bytes, filename) as received:
         checked = await check_model_isolated(
-            checker, settings, received.path, arch, num_classes, normalize, format
+            checker, settings, received.path, arch, num_classes, normalize, format, accuracy_on
         )
         return await run_in_threadpool(
             _store_teacher, session, store, tenant, received, checked, name, filename

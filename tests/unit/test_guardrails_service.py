@@ -138,3 +138,35 @@ def test_the_client_prints_the_findings_last(capsys: pytest.CaptureFixture) -> N
     failed = {**job, "status": "failed", "error": "teacher check failed: ...", "degenerate_student": False}
     assert _finish(None, failed) == 1  # type: ignore[arg-type]
     assert capsys.readouterr().err.strip().splitlines()[-1] == "job j1 failed: teacher check failed: ..."
+
+
+def test_teacher_upload_naming_a_builtin_dataset_measures_its_accuracy(tmp_path: Path,
+                                                                       shared_dir: Path) -> None:
+    """The third-party CNN-A-Adv teacher uploaded without its normalisation is recorded as misread, with
+    the normalisation hint, and with its normalisation as passing (real CIFAR-10 validation images)."""
+    weights = shared_dir / "weights" / "abcrown_sdp_cifar_cnn_a_adv.model"
+    settings = Settings(var_dir=tmp_path / "var", data_root=shared_dir / "data")
+    app = create_app(settings, enqueue=lambda job_id: None, revoke=lambda job_id: None)
+    with TestClient(app) as client:
+        with app.state.session_factory() as session:
+            key = create_api_key(session, "alice")
+            session.commit()
+        alice = {"Authorization": f"Bearer {key}"}
+
+        def upload(**form: str) -> dict[str, Any]:
+            files = {"file": ("cnn_a.model", weights.read_bytes())}
+            r = client.post("/v1/teachers", headers=alice, files=files,
+                            data={"arch": "cnn_a", "dataset": "cifar10-partial", **form})
+            assert r.status_code == 201, r.text
+            return r.json()["probe"]["accuracy_check"]
+
+        misread = upload(claimed_accuracy="0.6")
+        assert misread["measured"] and misread["n"] == 500 and misread["passed"] is False
+        assert any("normalize" in w for w in misread["warnings"]), misread
+        assert any("well below the claimed 60.0%" in w for w in misread["warnings"]), misread
+        right = upload(normalize="0.4914,0.4824,0.4467;0.2471,0.2435,0.2616")
+        assert right["passed"] is True and right["accuracy"] > 0.5 and right["warnings"] == [], right
+        # Without a dataset nothing is measured (the job-start check still runs).
+        r = client.post("/v1/teachers", headers=alice, files={"file": ("cnn_a.model", weights.read_bytes())},
+                        data={"arch": "cnn_a", "num_classes": "10"})
+        assert r.status_code == 201 and "accuracy_check" not in r.json()["probe"], r.text
