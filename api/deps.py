@@ -73,6 +73,20 @@ def get_tenant(session: SessionDep, credentials: BearerDep) -> Tenant:
 
 TenantDep = Annotated[Tenant, Depends(get_tenant)]
 
+# For routes that stream their response (downloads): a yield dependency normally lives until the last
+# byte is sent, so every slow download would hold a pooled connection and a place at the gate, and a few
+# dozen of them would stall every other request. With scope="function" the session closes (and the gate
+# admits the next request) as soon as the route function has returned its response.
+ShortSessionDep = Annotated[Session, Depends(get_session, scope="function")]
+
+
+def get_tenant_short(session: ShortSessionDep, credentials: BearerDep) -> Tenant:
+    """``get_tenant`` on a session that closes when the route returns."""
+    return get_tenant(session, credentials)
+
+
+ShortTenantDep = Annotated[Tenant, Depends(get_tenant_short, scope="function")]
+
 Row = TypeVar("Row")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 

@@ -16,7 +16,18 @@ from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from api.deps import ROW_ID, BearerDep, SessionDep, SettingsDep, StoreDep, TenantDep, owned, unauthorized
+from api.deps import (
+    ROW_ID,
+    BearerDep,
+    SessionDep,
+    SettingsDep,
+    ShortSessionDep,
+    ShortTenantDep,
+    StoreDep,
+    TenantDep,
+    owned,
+    unauthorized,
+)
 from api.routes.datasets import ResolvedDataset, resolve_dataset
 from api.routes.teachers import tenant_teacher
 from api.schemas import (
@@ -433,14 +444,15 @@ def get_artifact(
     job_id: JobId,
     name: ArtifactName,
     request: Request,
-    tenant: TenantDep,
-    session: SessionDep,
+    tenant: ShortTenantDep,
+    session: ShortSessionDep,
     store: StoreDep,
     settings: SettingsDep,
     redirect: bool = False,
     presign: bool = False,
 ) -> Response:
-    """Download a job's file (streamed), or get a short-lived presigned URL for it."""
+    """Download a job's file (streamed), or get a short-lived presigned URL for it. The database session
+    is released before the bytes flow (``ShortSessionDep``)."""
     job = tenant_job(session, tenant, job_id)
     row = _artifact(session, job, name)
     if presign or redirect:

@@ -255,3 +255,40 @@ def test_streams_per_key_and_per_process_are_bounded(make_app: Callable[..., Any
         finally:
             for stream in streams:
                 stream.close()
+
+
+def test_slow_downloads_leave_other_requests_answering(make_app: Callable[..., Any], tmp_path: Path) -> None:
+    """Downloads whose clients read nothing yet (the server blocks on a full socket) hold no pooled
+    connection: the route's session closes when it returns, not when the last byte is sent."""
+    from service.storage import job_key
+
+    app = make_app()
+    alice, bob = _tenant(), _tenant()
+    alice_key, bob_key = _key(app, alice), _key(app, bob)
+    job_id = _job(app, alice)
+    blob = tmp_path / "student_best.pt"
+    blob.write_bytes(b"\0" * (32 << 20))  # far more than the sockets buffer
+    with app.state.session_factory() as session:
+        job = session.get(Job, job_id)
+        key = job_key(job.tenant_id, job_id, blob.name)
+        app.state.store.put_file(key, blob)
+        job_state.record_artifact(session, job_id, blob.name, key, blob.stat().st_size, "0" * 64)
+        session.commit()
+    downloads: list[socket.socket] = []
+    with serve(app) as port:
+        try:
+            for _ in range(8):  # twice the ORM pool (2 + 2)
+                sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+                sock.sendall(
+                    f"GET /v1/jobs/{job_id}/artifacts/{blob.name} HTTP/1.1\r\nHost: x\r\n"
+                    f"Authorization: Bearer {alice_key}\r\n\r\n".encode()
+                )
+                assert sock.recv(12).startswith(b"HTTP/1.1 200")  # then read nothing more
+                downloads.append(sock)
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=ANSWER_S) as client:
+                for _ in range(3):
+                    r = client.get("/v1/teachers", headers={"Authorization": f"Bearer {bob_key}"})
+                    assert r.status_code == 200, r.text
+        finally:
+            for sock in downloads:
+                sock.close()
