@@ -20,12 +20,13 @@ import core
 from api import errors, model_check
 from api.routes import datasets, health, jobs, teachers
 from api.streams import JobWatch, StreamSlots
-from api.uploads import BodySizeLimit, scrub_paths, server_roots
+from api.uploads import BodySizeLimit
 from core.errors import UserError
 from service.auth import ensure_dev_key
 from service.cleanup import periodic_cleanup
 from service.db import make_engine, make_session_factory, upgrade_to_head
 from service.jobs import IllegalTransition
+from service.paths import scrub_paths, server_roots
 from service.polling import StatusPoller
 from service.queue import CeleryQueue
 from service.settings import Settings, get_settings

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 import shutil
 import tempfile
 from collections.abc import AsyncIterator
@@ -23,7 +22,6 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.settings import REPO_ROOT, Settings
 from service.storage import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -124,23 +122,6 @@ async def received_upload(
     finally:
         await upload.close()
         await run_in_threadpool(shutil.rmtree, private, True)
-
-
-def server_roots(settings: Settings) -> list[str]:
-    """Folders whose paths a tenant must never see: scratch, state, data and the code itself."""
-    roots = [settings.var_dir, settings.work_dir, settings.upload_dir, settings.data_root, REPO_ROOT]
-    paths = [Path(p) for p in roots if p is not None]
-    found = {str(p) for p in paths} | {str(p.resolve()) for p in paths}
-    return sorted((r for r in found if r not in ("", "/")), key=len, reverse=True)
-
-
-def scrub_paths(text: str, roots: list[str]) -> str:
-    """``text`` with every path under ``roots`` replaced by its last component (the user's filename for
-    an upload): a safety net behind loaders that already name files by their display name."""
-    for root in roots:
-        pattern = re.escape(root.rstrip("/")) + r"(?:/[^\s'\"`,;:()\[\]{}<>]*)?"
-        text = re.sub(pattern, lambda m: Path(m.group(0)).name or "<server path>", text)
-    return text
 
 
 def forget_object(store: ObjectStore, key: str) -> None:

@@ -30,6 +30,7 @@ from service.jobs import (
     upsert_metrics,
 )
 from service.models import Dataset, Job, JobEvent, Teacher
+from service.paths import scrub_paths, server_roots
 from service.queue import RUN_JOB_TASK, CeleryQueue
 from service.settings import Settings, get_settings
 from service.storage import ObjectNotFound, job_key, open_store
@@ -89,6 +90,7 @@ class JobRun:
         assert settings.work_dir is not None
         self.work = Path(settings.work_dir) / job_id
         self.out = self.work / "out"
+        self._roots = server_roots(settings)
         self.attempt = 0
         self.tenant_id = ""
         self.cancelled = threading.Event()  # set by the monitor: cancel asked for
@@ -175,14 +177,14 @@ class JobRun:
             if self.lost.is_set():
                 log.warning("job %s: attempt %d stopped: lease lost", self.job_id, self.attempt)
                 return "lost lease"
-            self._finish("cancelled", error=None, note=str(exc))
+            self._finish("cancelled", error=None, note=self._public(str(exc)))
             return "cancelled"
         except UserError as exc:
-            self._finish("failed", error=str(exc))
+            self._finish("failed", error=self._public(str(exc)))
             return "failed"
         except Exception as exc:
             log.exception("job %s: attempt %d crashed", self.job_id, self.attempt)
-            return self._retry_or_fail(f"internal error: {type(exc).__name__}: {exc}")
+            return self._retry_or_fail(self._public(f"internal error: {type(exc).__name__}: {exc}"))
 
     # ----- inputs ----------------------------------------------------------------------------------------
 
@@ -364,7 +366,7 @@ class JobRun:
                     transition(session, job, "evaluating")
                 set_progress(session, self.job_id, {**(job.progress or {}), "fraction": 1.0, "eta_s": None})
         elif kind == "warning":
-            message = str(event.get("message", ""))
+            message = self._public(str(event.get("message", "")))
             if event.get("student"):  # as the several-student report words it
                 message = f"{event['student']}: {message}"
             digest = hashlib.sha1(message.encode()).hexdigest()[:16]
@@ -425,6 +427,10 @@ class JobRun:
             job.degenerate_student = bool(report.get("degenerate_student"))
             transition(session, job, "succeeded")
         log.info("job %s: succeeded in %.1f s", self.job_id, report.get("seconds") or 0.0)
+
+    def _public(self, text: str) -> str:
+        """A message as the tenant may read it: no path of this machine (``service.paths``)."""
+        return scrub_paths(text, self._roots)
 
     def _retry_or_fail(self, error: str) -> str:
         """The job's own unexpected error ended this attempt: retry from the checkpoint, or give up."""

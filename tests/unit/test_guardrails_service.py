@@ -9,6 +9,7 @@ chance on it, in seconds and on any machine.
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -170,3 +171,15 @@ def test_teacher_upload_naming_a_builtin_dataset_measures_its_accuracy(tmp_path:
         r = client.post("/v1/teachers", headers=alice, files={"file": ("cnn_a.model", weights.read_bytes())},
                         data={"arch": "cnn_a", "num_classes": "10"})
         assert r.status_code == 201 and "accuracy_check" not in r.json()["probe"], r.text
+
+
+def test_a_failed_jobs_error_names_no_server_path(stack: Any) -> None:
+    """The data folder here is broken: core's message names the folder; the job's error must not."""
+    app, client, alice, settings = stack
+    job = _job(client, alice, method="sat", dataset="cifar10-partial")
+    assert _run(settings, job["id"]) == "failed"
+    shown = client.get(f"/v1/jobs/{job['id']}", headers=alice).json()
+    assert shown["status"] == "failed" and shown["error"], shown
+    for root in (settings.data_root, settings.var_dir, settings.work_dir):
+        assert str(root) not in shown["error"] and str(Path(root).resolve()) not in shown["error"], shown
+    assert not re.search(r"(^|[\s'\"(])/[A-Za-z]", shown["error"]), shown["error"]  # nor any absolute path

@@ -28,13 +28,13 @@ from upload_check_tasks import keep_megabytes
 
 from api.app import create_app
 from api.check_process import IsolatedChecker
-from api.uploads import scrub_paths, server_roots
 from core.archive_limits import ExpansionLimits, npz_headers
 from core.data import load_dataset
 from core.errors import DataError
 from core.npz_check import check_npz
 from service.auth import create_api_key
 from service.models import Dataset, Teacher
+from service.paths import scrub_paths, server_roots
 from service.settings import Settings
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
