@@ -11,7 +11,6 @@ import io
 import signal
 import threading
 import time
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
+from hostile_files import scripted, zero_bomb
 
 from api.app import create_app
 from bench.stack import children, uvicorn_server
@@ -49,38 +49,10 @@ def _good_npz(n: int = 20) -> bytes:
     return _npz(x=x, y=np.arange(n) % 2)
 
 
-def _zero_bomb(images: int = 21_845) -> bytes:
-    """64 MiB of black 32x32 images (uint8, the array's header says so honestly) deflated to ~70 KB."""
-    header = io.BytesIO()
-    np.lib.format.write_array_header_1_0(
-        header, {"descr": "|u1", "fortran_order": False, "shape": (images, 32, 32, 3)}
-    )
-    out = io.BytesIO()
-    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
-        with zf.open("x.npy", "w", force_zip64=True) as f:
-            f.write(header.getvalue())
-            zeros = bytes(images * 3072 // 16)
-            for _ in range(16):
-                f.write(zeros)
-        labels = io.BytesIO()
-        np.save(labels, np.arange(images, dtype=np.int64) % 2)
-        zf.writestr("y.npy", labels.getvalue())
-    return out.getvalue()
 
 
-def _spinning_torchscript() -> bytes:
-    import torch
 
-    class Spin(torch.nn.Module):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            y = x.flatten(1)[:, :10]
-            for _ in range(1_000_000_000):
-                y = y + 0.0
-            return y
 
-    buf = io.BytesIO()
-    torch.jit.save(torch.jit.script(Spin()), buf)
-    return buf.getvalue()
 
 
 @pytest.fixture
@@ -125,7 +97,7 @@ def test_bombs_and_unusable_datasets_are_422_and_leave_nothing(
     alice = _key(settings.database_url, "alice")
     images = np.zeros((10, 8, 8, 3), np.uint8)
     cases = {
-        "bomb.npz": (_zero_bomb(), "RD_MAX_EXPANSION_RATIO=4"),
+        "bomb.npz": (zero_bomb(), "RD_MAX_EXPANSION_RATIO=4"),
         # 2**40 answered 500 (num_classes overflowed PostgreSQL's integer); uint64 max was "10 classes"
         "huge.npz": (_npz(x=images, y=np.full(10, 2**40)), "labels out of range"),
         "uint64.npz": (_npz(x=images, y=np.full(10, 2**64 - 1, np.uint64)), "labels out of range"),
@@ -168,7 +140,7 @@ def test_a_spinning_check_does_not_stall_another_tenant(
         spin["r"] = client.post(
             "/v1/teachers",
             headers=alice,
-            files={"file": ("spin.pt", _spinning_torchscript())},
+            files={"file": ("spin.pt", scripted("spin"))},
             data={"num_classes": 10},
         )
 
@@ -214,7 +186,7 @@ def test_sigkill_of_the_api_leaves_no_checking_process(settings: Settings, tmp_p
                 httpx.post(
                     server.url + "/v1/teachers",
                     headers=headers,
-                    files={"file": ("spin.pt", _spinning_torchscript())},
+                    files={"file": ("spin.pt", scripted("spin"))},
                     data={"num_classes": "10"},
                     timeout=60,
                 )

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
+from hostile_files import deflated_torch_save, scripted, zero_bomb
 from upload_check_tasks import keep_megabytes
 
 from api.app import create_app
@@ -57,23 +58,7 @@ def _good_arrays(n: int = 20, classes: int = 2) -> dict[str, np.ndarray]:
     return {"x": rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8), "y": np.arange(n) % classes}
 
 
-def _zero_bomb(images: int = 21_845) -> bytes:
-    """An .npz of ``images`` black 32x32 RGB images (64 MiB for the default), deflated to about 70 KB."""
-    header = io.BytesIO()
-    np.lib.format.write_array_header_1_0(
-        header, {"descr": "|u1", "fortran_order": False, "shape": (images, 32, 32, 3)}
-    )
-    out = io.BytesIO()
-    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
-        with zf.open("x.npy", "w", force_zip64=True) as f:
-            f.write(header.getvalue())
-            zeros = bytes(images * 3072 // 16)
-            for _ in range(16):
-                f.write(zeros)
-        labels = io.BytesIO()
-        np.save(labels, np.arange(images, dtype=np.int64) % 2)
-        zf.writestr("y.npy", labels.getvalue())
-    return out.getvalue()
+
 
 
 def _truncated_npy_member(shape: tuple[int, ...]) -> bytes:
@@ -89,42 +74,10 @@ def _truncated_npy_member(shape: tuple[int, ...]) -> bytes:
     return out.getvalue()
 
 
-def _deflated_torch_save(extra_floats: int) -> bytes:
-    """A tiny_cnn state dict plus an ignored ``sub_block1`` tensor of zeros, every member deflated."""
-    import torch
-
-    from core.models import create_model
-
-    sd = {**create_model("tiny_cnn", 10).state_dict(), "sub_block1.big": torch.zeros(extra_floats)}
-    raw = io.BytesIO()
-    torch.save(sd, raw)
-    raw.seek(0)
-    out = io.BytesIO()
-    with zipfile.ZipFile(raw) as src, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as dst:
-        for info in src.infolist():
-            dst.writestr(info.filename, src.read(info.filename))
-    return out.getvalue()
 
 
-def _scripted(kind: str) -> bytes:
-    """TorchScript whose forward spins (for minutes) or asks for 8 GiB."""
-    import torch
 
-    class Spin(torch.nn.Module):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            y = x.flatten(1)[:, :10]
-            for _ in range(1_000_000_000):
-                y = y + 0.0
-            return y
 
-    class Hog(torch.nn.Module):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            big = x.new_empty([2147483648])
-            return x.flatten(1)[:, :10] + big.sum() * 0
-
-    buf = io.BytesIO()
-    torch.jit.save(torch.jit.script(Spin() if kind == "spin" else Hog()), buf)
-    return buf.getvalue()
 
 
 # ---------------------------------------------------------------- the app
@@ -189,7 +142,7 @@ def _nothing_kept(env: SimpleNamespace) -> None:
 
 
 def test_npz_bomb_is_refused_from_its_declared_size(env: SimpleNamespace) -> None:
-    bomb = _zero_bomb()
+    bomb = zero_bomb()
     assert len(bomb) < MAX_UPLOAD  # 64 MiB of images in a file the upload limit lets through
     _refused(_post_dataset(env, bomb), "expands to more than 1200000 bytes", "RD_MAX_EXPANSION_RATIO=4")
     _nothing_kept(env)
@@ -206,7 +159,7 @@ def test_npy_header_is_checked_against_its_member_and_the_element_cap(tmp_path: 
 
 
 def test_torch_zip_bomb_is_refused_before_torch_reads_it(env: SimpleNamespace) -> None:
-    bomb = _deflated_torch_save(extra_floats=16 * 2**20)  # 64 MiB of zeros in about 70 KB
+    bomb = deflated_torch_save(extra_floats=16 * 2**20)  # 64 MiB of zeros in about 70 KB
     assert len(bomb) < MAX_UPLOAD
     _refused(_post_teacher(env, bomb, arch="tiny_cnn"), "expands to more than", "RD_MAX_EXPANSION_RATIO")
     _nothing_kept(env)
@@ -219,12 +172,12 @@ def test_model_zip_may_not_unpack_far_beyond_its_own_size(tmp_path: Path) -> Non
     from core.teachers import load_model_file
 
     path = tmp_path / "t.pt"
-    path.write_bytes(_deflated_torch_save(extra_floats=8 * 2**20))  # 32 MiB of zeros in ~40 KB
+    path.write_bytes(deflated_torch_save(extra_floats=8 * 2**20))  # 32 MiB of zeros in ~40 KB
     generous = ExpansionLimits(max_expanded_bytes=2**40, max_array_elements=2**40, source="test")
     with pytest.raises(ModelLoadError, match="the file's own size"):
         load_model_file(path, arch="tiny_cnn", num_classes=10, limits=generous)
     honest = tmp_path / "honest.pt"
-    honest.write_bytes(_deflated_torch_save(extra_floats=1))
+    honest.write_bytes(deflated_torch_save(extra_floats=1))
     assert load_model_file(honest, arch="tiny_cnn", num_classes=10, limits=generous).num_classes == 10
 
 
@@ -364,7 +317,7 @@ def _concurrently(*calls: Any) -> list[Any]:
 
 
 def test_spinning_model_times_out_and_other_tenants_are_answered_meanwhile(env: SimpleNamespace) -> None:
-    spin = _scripted("spin")
+    spin = scripted("spin")
     result: dict[str, Any] = {}
     # Two checking processes with torch imported: neither upload below waits for a process to start.
     warm = _concurrently(*[lambda: _post_dataset(env, _npz_bytes(**_good_arrays()))] * 2)
@@ -388,7 +341,7 @@ def test_spinning_model_times_out_and_other_tenants_are_answered_meanwhile(env: 
 
 
 def test_memory_hog_is_refused_naming_the_limit(env: SimpleNamespace) -> None:
-    _refused(_post_teacher(env, _scripted("hog")), "used more than RD_CHECK_MEMORY_MB=768 MB")
+    _refused(_post_teacher(env, scripted("hog")), "used more than RD_CHECK_MEMORY_MB=768 MB")
     _nothing_kept(env)
 
 
