@@ -56,6 +56,12 @@ class ExpansionLimits:
     max_array_elements: int
     source: str = "the expansion limit"
 
+    def check_elements(self, what: str, count: int, error: type[UserError]) -> None:
+        """Refuse one array (``what`` names it) of more than ``max_array_elements`` elements."""
+        if count > self.max_array_elements:
+            raise error(f"{what} declares {count} elements; at most {self.max_array_elements} are accepted "
+                        "per array (RD_MAX_ARRAY_ELEMENTS)")
+
     @classmethod
     def from_upload_limit(cls, max_upload_bytes: int, ratio: int, max_array_elements: int) -> ExpansionLimits:
         """``ratio`` x the upload limit: an upload may decompress to what ``ratio`` uploads would hold."""
@@ -165,11 +171,8 @@ def npz_headers(
             if any(s < 0 for s in shape):
                 raise error(f"{name}: array {key!r} declares a negative dimension {shape}")
             nbytes = header.count * dtype.itemsize
-            if limits is not None and header.count > limits.max_array_elements:
-                raise error(
-                    f"{name}: array {key!r} declares {header.count} elements {shape}; at most "
-                    f"{limits.max_array_elements} are accepted per array (RD_MAX_ARRAY_ELEMENTS)"
-                )
+            if limits is not None:
+                limits.check_elements(f"{name}: array {key!r} {shape}", header.count, error)
             if limits is not None and nbytes > limits.max_expanded_bytes:
                 raise error(
                     f"{name}: array {key!r} declares {nbytes} bytes {shape}; more than the "
@@ -237,11 +240,8 @@ def check_safetensors(path: Path, name: str, limits: ExpansionLimits | None, err
                 f"{name}: tensor {str(key)[:80]!r} declares {shape} {meta['dtype']} at bytes {begin}..{end}, "
                 f"which does not fit the {data_size} bytes of data in the file"
             )
-        if limits is not None and count > limits.max_array_elements:
-            raise error(
-                f"{name}: tensor {str(key)[:80]!r} declares {count} elements; at most "
-                f"{limits.max_array_elements} are accepted per array (RD_MAX_ARRAY_ELEMENTS)"
-            )
+        if limits is not None:
+            limits.check_elements(f"{name}: tensor {str(key)[:80]!r}", count, error)
         total += end - begin
     if limits is not None and total > limits.max_expanded_bytes:
         raise error(
