@@ -59,8 +59,8 @@ class ExpansionLimits:
     def check_elements(self, what: str, count: int, error: type[UserError]) -> None:
         """Refuse one array (``what`` names it) of more than ``max_array_elements`` elements."""
         if count > self.max_array_elements:
-            raise error(f"{what} declares {count} elements; at most {self.max_array_elements} are accepted "
-                        "per array (RD_MAX_ARRAY_ELEMENTS)")
+            raise error(f"{what} declares {count} elements (at most {self.max_array_elements} are accepted "
+                        "per array: RD_MAX_ARRAY_ELEMENTS)")
 
     @classmethod
     def from_upload_limit(cls, max_upload_bytes: int, ratio: int, max_array_elements: int) -> ExpansionLimits:
