@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from bench.common import (
+    LR,
     add_common_args,
     describe_machine,
     load_cifar10,
@@ -114,7 +115,7 @@ def reference_epoch(student: nn.Module, teacher: nn.Module, optimizer: torch.opt
 def ours_epoch(student: nn.Module, teacher: nn.Module, bundle: DatasetBundle, args: argparse.Namespace,
                ) -> dict[str, Any]:
     """One epoch of the real trainer (fresh output folder, so no resume)."""
-    config = TrainConfig(epochs=1, batch_size=args.batch_size, val_batch_size=args.val_batch_size,
+    config = TrainConfig(epochs=1, lr=LR, batch_size=args.batch_size, val_batch_size=args.val_batch_size,
                          seed=args.seed, amp=False if args.no_amp else None,
                          channels_last=False if args.no_channels_last else None, device=args.device)
     with tempfile.TemporaryDirectory(prefix="bench-epoch-") as out:

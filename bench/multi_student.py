@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from bench.common import (
+    LR,
     add_common_args,
     cifar_bundle,
     describe_machine,
@@ -82,7 +83,7 @@ class TimedModule(nn.Module):
 
 def make_trainer(args: argparse.Namespace, student: nn.Module, teacher: nn.Module, bundle: DatasetBundle,
                  out_dir: str) -> Trainer:
-    config = TrainConfig(epochs=1, batch_size=args.batch_size, seed=args.seed, device=args.device,
+    config = TrainConfig(epochs=1, lr=LR, batch_size=args.batch_size, seed=args.seed, device=args.device,
                          amp=False if args.no_amp else None,
                          channels_last=False if args.no_channels_last else None, train_eval_size=0)
     return Trainer(config, create_method(args.method), copy.deepcopy(student), teacher, bundle, out_dir)

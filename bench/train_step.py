@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from bench.common import (
+    LR,
     add_common_args,
     cifar_bundle,
     count_flops,
@@ -127,8 +128,9 @@ class Ours:
         self.method = create_method("rslad")
         if compile:
             student = torch.compile(student)
-        config = TrainConfig(epochs=1, batch_size=len(y), seed=seed, amp=amp, channels_last=channels_last,
-                             depthwise_fp32=depthwise_fp32, fold_bn=fold_bn, device=str(device))
+        config = TrainConfig(epochs=1, lr=LR, batch_size=len(y), seed=seed, amp=amp,
+                             channels_last=channels_last, depthwise_fp32=depthwise_fp32, fold_bn=fold_bn,
+                             device=str(device))
         self._tmp = tempfile.TemporaryDirectory(prefix="bench-")
         self.trainer = Trainer(config, self.method, student, teacher, one_batch_bundle(x, y), self._tmp.name)
         self.epoch = 0
@@ -207,8 +209,8 @@ def short_run(student: nn.Module, teacher: nn.Module, bundle: DatasetBundle, *, 
               amp: bool, channels_last: bool, device: torch.device) -> Recorder:
     """One epoch of the real trainer over ``bundle`` (one step per batch) on copies of the models."""
     recorder = Recorder(create_method("rslad"))
-    config = TrainConfig(epochs=1, batch_size=batch_size, seed=seed, amp=amp, channels_last=channels_last,
-                         teacher_amp=amp, device=str(device), train_eval_size=0)
+    config = TrainConfig(epochs=1, lr=LR, batch_size=batch_size, seed=seed, amp=amp,
+                         channels_last=channels_last, teacher_amp=amp, device=str(device), train_eval_size=0)
     with tempfile.TemporaryDirectory(prefix="bench-exact-") as out:
         trainer = Trainer(config, recorder, copy.deepcopy(student), copy.deepcopy(teacher), bundle, out)
         train_epoch(trainer, 0)
