@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 import core
-from api import errors, model_check
+from api import docs, errors, model_check
 from api.routes import datasets, health, jobs, teachers
 from api.streams import JobWatch, StreamSlots
 from api.uploads import BodySizeLimit
@@ -111,6 +111,8 @@ def create_app(
         summary="Upload a robust teacher, get a small robust student trained with RSLAD and its report.",
         version=core.__version__,
         lifespan=lifespan,
+        docs_url=None,  # api.docs serves /docs and /redoc from local files
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.checker = model_check.make_checker(settings)
@@ -132,6 +134,7 @@ def create_app(
     app.add_exception_handler(IllegalTransition, _conflict)  # type: ignore[arg-type]
     app.add_exception_handler(ObjectNotFound, _missing_object)  # type: ignore[arg-type]
     errors.install(app)  # HTTPExceptions in the same shape; the OpenAPI document declares it
+    docs.install(app)
     for module in (health, teachers, datasets, jobs):
         app.include_router(module.router)
     return app

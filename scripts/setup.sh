@@ -15,3 +15,14 @@ if [ ! -f "$stamp" ]; then
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
+# Headless Chromium and its driver for the browser test of /docs and /redoc (tests/unit/test_docs_offline.py).
+# Debian's packages, so nothing downloads a browser build of its own. If this cannot install them (no apt,
+# not root), setup goes on and that test fails naming what is missing.
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null \
+      || echo "setup: installing chromium and chromium-driver failed; the browser test will fail" >&2
+  else
+    echo "setup: chromium/chromedriver missing and apt-get as root unavailable; the browser test will fail" >&2
+  fi
+fi

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from live_server import serve
 
 from api.app import create_app
 from service import jobs as job_state
@@ -76,30 +76,6 @@ class Stream:
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.close()
-
-
-@contextlib.contextmanager
-def serve(app: Any) -> Iterator[int]:
-    """``app`` under uvicorn on a free port in a thread of this process; stopped (streams cut) at exit."""
-    import uvicorn
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.05)
-        yield sock.getsockname()[1]
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
-        assert not thread.is_alive(), "uvicorn did not stop"
 
 
 @pytest.fixture
