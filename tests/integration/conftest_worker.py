@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import pytest
 
-from api.client import DistillClient
+from distill_client import Client
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
@@ -84,7 +84,7 @@ class Stack:
     env: dict[str, str]
     root: Path
     queue: str
-    client: DistillClient
+    client: Client
     api: subprocess.Popen[bytes]
     workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
@@ -214,7 +214,7 @@ def start_stack(services: WorkerServices, root: Path) -> Iterator[Stack]:
         start_new_session=True,
     )
     api_log.close()
-    client: DistillClient | None = None
+    client: Client | None = None
     stack: Stack | None = None
     try:
         url = f"http://127.0.0.1:{port}"
@@ -228,7 +228,7 @@ def start_stack(services: WorkerServices, root: Path) -> Iterator[Stack]:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the API did not start: {(root / 'api.log').read_text()[-3000:]}")
             time.sleep(0.3)
-        client = DistillClient(url, _make_key(env["RD_DATABASE_URL"], f"tenant-{queue}"))
+        client = Client(url, _make_key(env["RD_DATABASE_URL"], f"tenant-{queue}"))
         stack = Stack(env=env, root=root, queue=queue, client=client, api=api)
         yield stack
     finally:

@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from api.client import main as client_main
+from distill_client.cli import main as client_main
+from distill_client.cli import watch
 
 try:
     from tests.integration.conftest_worker import Stack, WorkerServices, db_rows, start_stack, worker_services
@@ -87,7 +88,7 @@ def stack(worker_services: WorkerServices, tmp_path_factory: pytest.TempPathFact
 
 @pytest.fixture(scope="module")
 def teacher_id(stack: Stack, teacher_file: Path) -> str:
-    return stack.client.upload_teacher(teacher_file, arch="tiny_cnn", dataset="cifar10-partial")["id"]
+    return stack.client.teachers.upload(teacher_file, arch="tiny_cnn", dataset="cifar10-partial").id
 
 
 def wait_for(predicate: Any, timeout: float, what: str, poll: float = 0.25) -> Any:
@@ -123,43 +124,45 @@ def test_job_runs_to_a_report_that_matches_the_weights(
     stack: Stack, teacher_id: str, shared_dir: Path, tmp_path: Path
 ) -> None:
     client = stack.client
-    job = client.create_job(teacher_id=teacher_id, epochs=2, **JOB)
-    assert job["status"] == "queued"
+    job = client.jobs.create(teacher_id=teacher_id, epochs=2, **JOB)
+    assert job.status == "queued"
 
     shown = io.StringIO()
-    job = client.wait(job["id"], timeout=300, poll_s=0.5, out=shown)
-    assert job["status"] == "succeeded", (job["error"], stack.worker_log())
-    assert job["attempts"] == 1
-    assert job["progress"]["fraction"] == pytest.approx(1.0)
+    job = watch(client, job.id, timeout=300, poll_s=0.5, out=shown)
+    assert job.status == "succeeded", (job.error, stack.worker_log())
+    assert job.attempts == 1
+    assert job.progress.fraction == pytest.approx(1.0)
     assert "epoch 2/2" in shown.getvalue()
 
-    names = {a["name"] for a in client.artifacts(job["id"])}
+    names = {a.name for a in client.jobs.artifacts(job.id)}
     assert names == {"student_best.pt", "student_last.pt", "report.json"}
-    best = client.download_artifact(job["id"], "student_best.pt", tmp_path)
-    report = client.report(job["id"])
-    assert report["resumed_from_epoch"] == 0
-    assert [h["epoch"] for h in report["history"]] == [1, 2]
-    rows = {row["attack"]: row for row in report["final"]["best"]["rows"]}
+    best = client.jobs.download_artifact(job.id, "student_best.pt", tmp_path)
+    report = client.jobs.report(job.id)
+    assert report.resumed_from_epoch == 0
+    assert [h["epoch"] for h in report.history or []] == [1, 2]
+    assert report.final is not None
+    rows = {row.attack: row for row in report.final["best"].rows}
     assert set(rows) == {"clean", "fgsm", "pgd_sat"}
-    assert rows["clean"]["n"] == N_EVAL
+    assert rows["clean"].n == N_EVAL
     # The job shows what the guardrails found, as the report says it (on PostgreSQL's JSON columns).
-    assert list(report)[:2] == ["degenerate_student", "warnings"]
-    assert job["degenerate_student"] == report["degenerate_student"]
-    assert set(report["warnings"]) <= set(job["warnings"])
-    assert job["teacher_accuracy"] == pytest.approx(report["teacher"]["check"]["accuracy"])
-    assert report["teacher"]["id"] == teacher_id and "path" not in report["teacher"]
-    assert clean_accuracy(best, shared_dir, N_EVAL) == pytest.approx(rows["clean"]["accuracy"], abs=1e-12)
+    assert list(client.http.get(f"/v1/jobs/{job.id}/report").json())[:2] == ["degenerate_student", "warnings"]
+    assert job.degenerate_student == report.degenerate_student
+    assert set(report.warnings) <= set(job.warnings)
+    assert report.teacher is not None
+    assert job.teacher_accuracy == pytest.approx(report.teacher["check"]["accuracy"])
+    assert report.teacher["id"] == teacher_id and "path" not in report.teacher
+    assert clean_accuracy(best, shared_dir, N_EVAL) == pytest.approx(rows["clean"].accuracy, abs=1e-12)
 
     # The console command against the same server: watch returns at once, download fetches all three.
     base = ["--url", str(client.http.base_url), "--key", client.http.headers["Authorization"].split()[1]]
-    assert client_main([*base, "--quiet", "job", "watch", job["id"]]) == 0
-    assert client_main([*base, "job", "download", job["id"], "--out", str(tmp_path / "cli")]) == 0
+    assert client_main([*base, "--quiet", "job", "watch", job.id]) == 0
+    assert client_main([*base, "job", "download", job.id, "--out", str(tmp_path / "cli")]) == 0
     assert sorted(p.name for p in (tmp_path / "cli").iterdir()) == sorted(names)
     assert (tmp_path / "cli" / "student_best.pt").read_bytes() == best.read_bytes()
 
-    metrics = client.metrics(job["id"])
-    assert [m["epoch"] for m in metrics] == [1, 2]
-    statuses = [e["payload"]["status"] for e in client.iter_events(job["id"]) if e["type"] == "status"]
+    metrics = client.jobs.metrics(job.id)
+    assert [m.epoch for m in metrics] == [1, 2]
+    statuses = [e.payload["status"] for e in client.jobs.iter_events(job.id) if e.type == "status"]
     assert statuses == ["queued", "running", "evaluating", "succeeded"]
 
 
@@ -171,55 +174,56 @@ def test_several_students_in_one_job(stack: Stack, teacher_id: str, shared_dir: 
         {"student": "tiny_cnn", "method": "ard", "method_params": {"steps": 2}},
     ]
     body = {**JOB, "attacks": ["clean", "pgd_sat"], "students": students}
-    job = client.create_job(teacher_id=teacher_id, epochs=2, **body)
-    job = client.wait(job["id"], timeout=300, poll_s=0.5, progress=False)
-    assert job["status"] == "succeeded", (job["error"], stack.worker_log())
+    job = client.jobs.create(teacher_id=teacher_id, epochs=2, **body)
+    job = client.jobs.wait(job.id, timeout=300, poll_s=0.5)
+    assert job.status == "succeeded", (job.error, stack.worker_log())
 
-    names = {a["name"] for a in client.artifacts(job["id"])}
+    names = {a.name for a in client.jobs.artifacts(job.id)}
     prefixes = ("tiny_cnn-rslad", "tiny_cnn-ard")
     files = ("student_best.pt", "student_last.pt", "report.json")
     assert names == {"report.json"} | {f"{p}.{f}" for p in prefixes for f in files}
-    report = client.report(job["id"])
-    assert list(report["students"]) == list(prefixes)
+    report = client.jobs.report(job.id)
+    assert report.students is not None and list(report.students) == list(prefixes)
     for prefix in prefixes:
-        weights = client.download_artifact(job["id"], f"{prefix}.student_best.pt", tmp_path)
-        single = report["students"][prefix]
-        rows = {row["attack"]: row for row in single["final"]["best"]["rows"]}
-        assert rows["pgd_sat"]["accuracy"] <= rows["clean"]["accuracy"]
-        expected = rows["clean"]["accuracy"]
+        weights = client.jobs.download_artifact(job.id, f"{prefix}.student_best.pt", tmp_path)
+        single = report.students[prefix]
+        assert single.final is not None
+        rows = {row.attack: row for row in single.final["best"].rows}
+        assert rows["pgd_sat"].accuracy <= rows["clean"].accuracy
+        expected = rows["clean"].accuracy
         assert clean_accuracy(weights, shared_dir, N_EVAL) == pytest.approx(expected, abs=1e-12)
-    metrics = client.metrics(job["id"])
-    assert [m["epoch"] for m in metrics] == [1, 2]
-    assert all(set(m["metrics"]["students"]) == set(prefixes) for m in metrics)
+    metrics = client.jobs.metrics(job.id)
+    assert [m.epoch for m in metrics] == [1, 2]
+    assert all(set(m.metrics["students"]) == set(prefixes) for m in metrics)
 
 
 def test_cancel_stops_a_running_job_within_seconds(stack: Stack, teacher_id: str) -> None:
     client = stack.client
-    job = client.create_job(teacher_id=teacher_id, epochs=30, **JOB)
+    job = client.jobs.create(teacher_id=teacher_id, epochs=30, **JOB)
 
     def training() -> bool:
-        current = client.get_job(job["id"])
-        assert current["status"] in ("queued", "running"), current
-        return current["status"] == "running" and (current["progress"].get("step") or 0) >= 1
+        current = client.jobs.get(job.id)
+        assert current.status in ("queued", "running"), current
+        return current.status == "running" and (current.progress.step or 0) >= 1
 
     wait_for(training, 180, "the job to be training")
     asked = time.monotonic()
-    assert client.cancel(job["id"])["cancel_requested"] is True
+    assert client.jobs.cancel(job.id).cancel_requested is True
     done = wait_for(
-        lambda: (j := client.get_job(job["id"]))["status"] in ("cancelled", "failed", "succeeded") and j,
+        lambda: (j := client.jobs.get(job.id)).status in ("cancelled", "failed", "succeeded") and j,
         30,
         "the job to stop",
     )
     took = time.monotonic() - asked
-    assert done["status"] == "cancelled", (done["error"], stack.worker_log())
+    assert done.status == "cancelled", (done.error, stack.worker_log())
     assert took < 15, f"cancel took {took:.1f} s"
-    types = [e["type"] for e in client.iter_events(job["id"])]
+    types = [e.type for e in client.jobs.iter_events(job.id)]
     assert "cancel_requested" in types and types[-1] == "status"
-    assert client.artifacts(job["id"]) == []
+    assert client.jobs.artifacts(job.id) == []
 
     # The worker is free again: a queued job after a cancel still runs.
-    follow = client.create_job(teacher_id=teacher_id, epochs=1, **{**JOB, "attacks": ["clean"]})
-    assert client.wait(follow["id"], timeout=240, progress=False)["status"] == "succeeded", stack.worker_log()
+    follow = client.jobs.create(teacher_id=teacher_id, epochs=1, **{**JOB, "attacks": ["clean"]})
+    assert client.jobs.wait(follow.id, timeout=240).status == "succeeded", stack.worker_log()
 
 
 def test_killed_worker_job_resumes_from_its_checkpoint(
@@ -235,43 +239,43 @@ def test_killed_worker_job_resumes_from_its_checkpoint(
     with start_stack(worker_services, tmp_path) as s:
         client = s.client
         first = s.start_worker()
-        teacher = client.upload_teacher(teacher_file, arch="tiny_cnn", dataset="cifar10-partial")
-        job = client.create_job(teacher_id=teacher["id"], epochs=epochs, **JOB)
+        teacher = client.teachers.upload(teacher_file, arch="tiny_cnn", dataset="cifar10-partial")
+        job = client.jobs.create(teacher_id=teacher.id, epochs=epochs, **JOB)
 
         def checkpoints() -> list[int]:
-            return [e["payload"]["epoch"] for e in client.iter_events(job["id"]) if e["type"] == "checkpoint"]
+            return [e.payload["epoch"] for e in client.jobs.iter_events(job.id) if e.type == "checkpoint"]
 
         wait_for(checkpoints, 240, "the first checkpoint")
         os.killpg(first.pid, signal.SIGKILL)
         first.wait(timeout=30)
         saved = max(checkpoints())
         assert saved < epochs, "the job finished before the worker could be killed"
-        killed_at = client.get_job(job["id"])
-        assert killed_at["status"] == "running" and killed_at["attempts"] == 1
+        killed_at = client.jobs.get(job.id)
+        assert killed_at.status == "running" and killed_at.attempts == 1
 
         s.start_worker()
-        job = client.wait(job["id"], timeout=300, poll_s=0.5, progress=False)
-        assert job["status"] == "succeeded", (job["error"], s.worker_log())
-        assert job["attempts"] == 2
+        job = client.jobs.wait(job.id, timeout=300, poll_s=0.5)
+        assert job.status == "succeeded", (job.error, s.worker_log())
+        assert job.attempts == 2
 
-        report = client.report(job["id"])
-        assert report["resumed_from_epoch"] >= saved >= 1
-        assert [h["epoch"] for h in report["history"]] == list(range(1, epochs + 1))
-        events = list(client.iter_events(job["id"]))
-        resumes = [e["payload"] for e in events if e["type"] == "resume"]
+        report = client.jobs.report(job.id)
+        assert (report.resumed_from_epoch or 0) >= saved >= 1
+        assert [h["epoch"] for h in report.history or []] == list(range(1, epochs + 1))
+        events = list(client.jobs.iter_events(job.id))
+        resumes = [e.payload for e in events if e.type == "resume"]
         assert len(resumes) == 1 and resumes[0]["attempt"] == 2 and resumes[0]["checkpoint"] is True
         assert resumes[0]["checkpoint_epoch"] >= saved
-        statuses = [e["payload"]["status"] for e in events if e["type"] == "status"]
+        statuses = [e.payload["status"] for e in events if e.type == "status"]
         assert statuses == ["queued", "running", "queued", "running", "evaluating", "succeeded"]
         # Replayed epochs wrote nothing twice: one metrics event and one metrics row per epoch.
-        assert [e["payload"]["epoch"] for e in events if e["type"] == "metrics"] == list(range(1, epochs + 1))
-        assert [m["epoch"] for m in client.metrics(job["id"])] == list(range(1, epochs + 1))
+        assert [e.payload["epoch"] for e in events if e.type == "metrics"] == list(range(1, epochs + 1))
+        assert [m.epoch for m in client.jobs.metrics(job.id)] == list(range(1, epochs + 1))
         keys = [
             k
             for (k,) in db_rows(
                 s,
                 "SELECT dedupe_key FROM job_events WHERE job_id = :id AND dedupe_key IS NOT NULL",
-                id=job["id"],
+                id=job.id,
             )
         ]
         assert len(keys) == len(set(keys))

@@ -159,20 +159,20 @@ def test_a_job_whose_message_redis_lost_still_runs(worker_services: WorkerServic
         (tmp_path / "stack").mkdir()
         with start_stack(services, tmp_path / "stack") as stack:
             stack.env["RD_REQUEUE_QUEUED_AFTER_S"] = "2"
-            job = stack.client.create_job(**TINY_JOB)
+            job = stack.client.jobs.create(**TINY_JOB)
             broker = redis.Redis.from_url(url)
             assert broker.llen(stack.queue) == 1
             waiting = CeleryQueue(Settings(var_dir=tmp_path / "var", broker_url=url, queue=stack.queue))
-            assert waiting.waiting_ids() == {job["id"]}  # while it is there, it is not sent again
+            assert waiting.waiting_ids() == {job.id}  # while it is there, it is not sent again
             broker.flushall()  # what a restart without persistence leaves
             assert waiting.waiting_ids() == set()
             broker.close()
             stack.start_worker()
             deadline = time.monotonic() + 180
-            while (got := stack.client.get_job(job["id"]))["status"] in ("queued", "running", "evaluating"):
+            while (got := stack.client.jobs.get(job.id)).status in ("queued", "running", "evaluating"):
                 assert time.monotonic() < deadline, (got, stack.worker_log())
                 time.sleep(0.5)
-            assert got["status"] == "succeeded" and got["attempts"] == 1, (got["error"], stack.worker_log())
+            assert got.status == "succeeded" and got.attempts == 1, (got.error, stack.worker_log())
 
 
 def test_start_up_removes_what_dead_requests_left(

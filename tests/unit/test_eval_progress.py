@@ -135,13 +135,16 @@ def test_client_bar_names_the_checkpoint_and_attack() -> None:
 
     from tqdm import tqdm
 
-    from api.client import DistillClient
+    from distill_client.models import JobOut
+    from distill_client.progress import bar_state, update_bar
 
     out = io.StringIO()
     bar = tqdm(total=100, file=out, bar_format="{desc} {percentage:3.0f}%|{postfix}")
     progress = {"phase": "evaluating", "epoch": 2, "epochs": 2, "checkpoint": "best", "attack": "autoattack",
                 "done": 256, "total": 1000, "fraction": 0.6, "eta_s": 90.0}
-    DistillClient._update_bar(bar, {"id": "j" * 32, "status": "evaluating", "progress": progress})
+    job = JobOut.model_construct(id="j" * 32, status="evaluating", progress=Progress(**progress),
+                                 latest_metrics=None)
+    update_bar(bar, *bar_state(job))
     shown = out.getvalue()
     assert "eval best autoattack 256/1000" in shown and "eta 1m30s" in shown and "epoch" not in shown
     assert bar.n == 60

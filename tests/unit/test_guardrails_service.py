@@ -126,18 +126,20 @@ def test_job_settings_are_bounded(stack: Any) -> None:
 
 
 def test_the_client_prints_the_findings_last(capsys: pytest.CaptureFixture) -> None:
-    from api.client import _finish
+    from distill_client.cli import finish
+    from distill_client.models import JobOut
 
-    job = {"id": "j1", "status": "succeeded", "error": None, "teacher_accuracy": 0.686,
-           "warnings": ["best checkpoint: clean accuracy 9.00% on 300 images is chance level"],
-           "degenerate_student": True}
-    assert _finish(None, job) == 0  # type: ignore[arg-type]
+    chance = "best checkpoint: clean accuracy 9.00% on 300 images is chance level"
+    job = JobOut.model_construct(id="j1", status="succeeded", error=None, teacher_accuracy=0.686,
+                                 warnings=[chance], degenerate_student=True)
+    assert finish(job) == 0
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines[0] == "teacher: 68.6% clean accuracy on the check images"
     assert lines[1].startswith("warning: best checkpoint: clean accuracy 9.00%")
     assert lines[-1].startswith("DEGENERATE STUDENT")
-    failed = {**job, "status": "failed", "error": "teacher check failed: ...", "degenerate_student": False}
-    assert _finish(None, failed) == 1  # type: ignore[arg-type]
+    failed = job.model_copy(update={"status": "failed", "error": "teacher check failed: ...",
+                                    "degenerate_student": False})
+    assert finish(failed) == 1
     assert capsys.readouterr().err.strip().splitlines()[-1] == "job j1 failed: teacher check failed: ..."
 
 
