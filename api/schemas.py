@@ -1,4 +1,8 @@
-"""Request and response bodies of the API, all in one place so the OpenAPI document reads as one story."""
+"""Request and response bodies of the API, all in one place so the OpenAPI document reads as one story.
+
+The bodies a client sends and receives are defined in ``distill_client.models`` (pydantic only, so the
+client package installs without the server) and re-exported here; what only the server needs (response
+declarations, health bodies) is defined here."""
 
 from __future__ import annotations
 

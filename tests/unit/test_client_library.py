@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import io
 import re
 import socket
 import threading
@@ -22,6 +24,7 @@ import sqlalchemy as sa
 from api.app import create_app
 from distill_client import (
     AsyncClient,
+    ChecksumMismatch,
     Client,
     Conflict,
     EventOut,
@@ -32,9 +35,12 @@ from distill_client import (
     Unauthorized,
     ValidationError,
 )
+from distill_client.endpoints import artifact_target
+from service import jobs as job_state
 from service.auth import create_api_key
 from service.models import Job
 from service.settings import Settings
+from service.storage import job_key
 from tests.live_server import serve
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -69,7 +75,8 @@ class CuttingProxy:
     - ``"before_response"``: the request reaches the server, which answers, but the client gets nothing
       (the connection closes as the answer starts): the server did the work, the client saw an error;
     - ``"after_first_event"``: the answer flows until the end of the first server-sent event with an id,
-      then the connection closes mid-stream.
+      then the connection closes mid-stream;
+    - ``"mid_body"``: the first 64 KiB of the answer flow, then the connection closes.
 
     Later connections pass through untouched. ``requests`` holds what each connection's client sent."""
 
@@ -116,6 +123,9 @@ class CuttingProxy:
                 if first and self.cut == "before_response":
                     break
                 buffer += data
+                if first and self.cut == "mid_body" and len(buffer) >= 65536:
+                    dst.sendall(data[: len(data) - (len(buffer) - 65536)])
+                    break
                 end = re.search(rb"\nid: \d+\n.*?\n\n", buffer, re.S) if first else None
                 if end:
                     dst.sendall(data[: len(data) - (len(buffer) - end.end())])
@@ -267,3 +277,41 @@ def test_jobs_list_follows_the_cursor_sync_and_async(server: Any) -> None:
     assert len(listed) == 4 and listed[1:] == made[::-1]
     assert status == "cancelled" and streamed == ["queued", "cancelled"]
     assert len(_job_rows(app)) == 5
+
+
+def _artifact(app: Any, job_id: str, name: str, data: bytes, sha256: str | None = None) -> None:
+    """Store a file as the job's artifact, as a worker would."""
+    with app.state.session_factory() as session:
+        tenant = session.get(Job, job_id).tenant_id
+        key = job_key(tenant, job_id, name)
+        app.state.store.put_stream(key, io.BytesIO(data))
+        digest = sha256 or hashlib.sha256(data).hexdigest()
+        job_state.record_artifact(session, job_id, name, key, len(data), digest)
+        session.commit()
+
+
+def test_download_checks_the_sha256_and_restarts_a_cut_transfer(server: Any, tmp_path: Path) -> None:
+    app, url, key = server
+    blob = bytes(range(256)) * 4096  # 1 MiB
+    with Client(url, key, retry=FAST) as client:
+        job = client.jobs.create(**JOB)
+        _artifact(app, job.id, "student_best.pt", blob)
+        _artifact(app, job.id, "report.json", b'{"final": {"best": {"epoch": 1, "rows": []}}, "extra": 1}')
+        _artifact(app, job.id, "tampered.pt", b"x" * 10, sha256="0" * 64)
+        with cutting_proxy(url, "mid_body") as proxy, Client(proxy_url(proxy), key, retry=FAST) as cut:
+            path = cut.jobs.download_artifact(job.id, "student_best.pt", tmp_path / "one")
+        assert proxy.cuts == 1 and path.read_bytes() == blob and not list(tmp_path.glob("one/*.part"))
+
+        paths = client.jobs.download(job.id, tmp_path / "all", names=["student_best.pt", "report.json"])
+        assert [p.name for p in paths] == ["student_best.pt", "report.json"]
+        report = client.jobs.report(job.id)
+        assert report.final is not None and report.final["best"].epoch == 1
+        assert report.model_extra == {"extra": 1}
+        (tmp_path / "bad").mkdir()
+        with pytest.raises(ChecksumMismatch):
+            client.jobs.download_artifact(job.id, "tampered.pt", tmp_path / "bad")
+        assert list((tmp_path / "bad").iterdir()) == []  # nothing half-written is left
+        with pytest.raises(NotFound, match="no artifact"):
+            client.jobs.download_artifact(job.id, "missing.pt", tmp_path / "bad")
+    with pytest.raises(ValueError, match="plain file name"):
+        artifact_target("../evil", tmp_path)
