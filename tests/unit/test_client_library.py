@@ -255,8 +255,13 @@ def test_a_broken_event_stream_resumes_with_last_event_id(server: Any) -> None:
     assert f"last-event-id: {events[0].id}".encode() in bytes(proxy.requests[1]).lower()
 
 
-def test_jobs_list_follows_the_cursor_sync_and_async(server: Any) -> None:
+def test_jobs_list_follows_the_cursor_sync_and_async(server: Any, tmp_path: Path) -> None:
+    import numpy as np
+
     app, url, key = server
+    rng = np.random.default_rng(0)
+    npz = tmp_path / "tiny.npz"
+    np.savez(npz, x=rng.integers(0, 255, (64, 8, 8, 3), dtype=np.uint8), y=rng.integers(0, 3, 64))
     with Client(url, key, retry=FAST) as client:
         made = [client.jobs.create(**JOB).id for _ in range(3)]
         assert [j.id for j in client.jobs.list(page_size=2)] == made[::-1]
@@ -271,6 +276,11 @@ def test_jobs_list_follows_the_cursor_sync_and_async(server: Any) -> None:
             await aclient.jobs.cancel(job.id)
             streamed = [e.payload["status"] async for e in aclient.jobs.stream_events(job.id)]
             done = await aclient.jobs.wait(job.id, poll_s=0.05, timeout=10)
+            dataset = await aclient.datasets.upload(npz, name="tiny")  # multipart through the async client
+            assert (await aclient.datasets.get(dataset.id)).num_classes == 3
+            await aclient.datasets.delete(dataset.id)
+            with pytest.raises(NotFound):
+                await aclient.datasets.get(dataset.id)
             return listed, done.status, streamed
 
     listed, status, streamed = asyncio.run(run())
