@@ -41,7 +41,11 @@ from service.auth import create_api_key
 from service.models import Job
 from service.settings import Settings
 from service.storage import job_key
-from tests.live_server import serve
+
+try:
+    from tests.live_server import serve
+except ImportError:  # pytest's default import mode puts tests/ (the conftest's folder) on sys.path
+    from live_server import serve  # type: ignore[no-redef]
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
