@@ -130,3 +130,10 @@ def test_the_client_alone_runs_a_job_end_to_end(client_venv: Path, stack: Stack,
     )
     assert listed.returncode == 0, listed.stderr
     assert [t["id"] for t in json.loads(listed.stdout)] == [seen["teacher"]]
+    watched = subprocess.run(  # no tqdm in this environment: the progress is plain lines
+        [str(cli), "--url", str(stack.client.http.base_url), "--key", key, "job", "watch", seen["job"]],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path / "run", env=env,
+    )
+    assert watched.returncode == 0, watched.stderr
+    assert f"{seen['job'][:8]} succeeded 100%" in watched.stderr
+    assert "status: succeeded" in watched.stderr

@@ -11,6 +11,7 @@ import hashlib
 import io
 import re
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -329,3 +330,24 @@ def test_download_checks_the_sha256_and_restarts_a_cut_transfer(server: Any, tmp
             client.jobs.download_artifact(job.id, "missing.pt", tmp_path / "bad")
     with pytest.raises(ValueError, match="plain file name"):
         artifact_target("../evil", tmp_path)
+
+
+def test_progress_without_tqdm_prints_a_line_per_change(monkeypatch: pytest.MonkeyPatch) -> None:
+    from distill_client.models import JobOut, Progress
+    from distill_client.progress import ProgressView
+
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # as if tqdm were not installed
+    out = io.StringIO()
+    view = ProgressView(out)
+    running = JobOut.model_construct(id="j" * 32, status="running", latest_metrics={"loss": 1.5},
+                                     progress=Progress(epoch=1, epochs=2, fraction=0.5))
+    view.update(running)
+    view.update(running)  # unchanged: not printed again
+    view.line("epoch 1/2: loss=1.500")
+    view.update(running.model_copy(update={"status": "succeeded"}))
+    view.close()
+    assert out.getvalue().splitlines() == [
+        "jjjjjjjj running 50% epoch 1/2 loss 1.500",
+        "epoch 1/2: loss=1.500",
+        "jjjjjjjj succeeded 100% epoch 1/2 loss 1.500",
+    ]
