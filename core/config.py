@@ -87,6 +87,9 @@ class DistillConfig:
     # How the report names the teacher (the service sets them; the report never names a server path).
     teacher_id: str | None = None
     teacher_sha256: str | None = None
+    job_id: str | None = None  # the service's job id, written into the exported students' metadata
+    # Formats the best and last students are exported to (core/export.FORMATS); [] exports none.
+    exports: list[str] = field(default_factory=lambda: list(_export_formats()))
     # Several students in one pass (core/multi.py): each {"student", "method", "method_params"?, "name"?};
     # when given, it replaces student / method / method_params above. Every other setting is shared.
     students: list[dict[str, Any]] | None = None
@@ -169,7 +172,8 @@ class DistillConfig:
                               f"{self.teacher_claimed_accuracy!r}")
         if not isinstance(self.allow_degenerate, bool):
             raise ConfigError(f"allow_degenerate must be true or false, got {self.allow_degenerate!r}")
-        for name in ("teacher_id", "teacher_sha256"):
+        _check_exports(self.exports)
+        for name in ("teacher_id", "teacher_sha256", "job_id"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not _NAME.fullmatch(value)):
                 raise ConfigError(f"{name} must be a short name of letters and digits, got {value!r}")
@@ -215,6 +219,23 @@ def _check_attacks(attacks: list[str]) -> None:
                           f"known: {', '.join(DISTILL_ATTACKS)}")
     if len(set(attacks)) != len(attacks):
         raise ConfigError(f"attacks listed twice in {', '.join(attacks)}")
+
+
+def _export_formats() -> tuple[str, ...]:
+    from core.export import FORMATS as EXPORT_FORMATS  # lazy: the exporters import onnx and safetensors
+
+    return EXPORT_FORMATS
+
+
+def _check_exports(exports: Any) -> None:
+    known = _export_formats()
+    if isinstance(exports, str) or not isinstance(exports, list):
+        raise ConfigError(f"exports must be a list from: {', '.join(known)} ([] exports none)")
+    bad = [f for f in exports if f not in known]
+    if bad:
+        raise ConfigError(f"unknown export format(s) {', '.join(map(repr, bad))}; known: {', '.join(known)}")
+    if len(set(exports)) != len(exports):
+        raise ConfigError(f"export formats listed twice in {', '.join(exports)}")
 
 
 def _check_int(name: str, value: Any, minimum: int, maximum: int) -> None:

@@ -36,7 +36,9 @@ from core.device import resolve_device
 from core.errors import ConfigError, ModelLoadError
 from core.eval_progress import EvaluationProgress, ProgressFn
 from core.evaluate import evaluate_model
+from core.exported import check_attacks_for_format
 from core.models import create_model
+from core.student_outputs import finish_outputs
 from core.teachers import load_model_file
 from core.train import EventFn, StopFn, TrainConfig, Trainer
 
@@ -145,6 +147,7 @@ def run_distillation(cfg: DistillConfig, out_dir: str | os.PathLike, *, on_event
     checks = job.check_students(cfg, {"": out})
     _emit(on_event, {"type": "status", "status": "evaluating"})
     report = job.report(cfg, fit, out, started, checks[""])
+    finish_outputs(cfg, job.data, out, report)
     _write_json(report, out / "report.json")
     return report
 
@@ -179,6 +182,7 @@ def run_multi_distillation(cfg: DistillConfig, out_dir: str | os.PathLike, *, on
     reports: dict[str, Any] = {}
     for name, sub in subs.items():
         reports[name] = job.report(sub, fits[name], out / name, started, checks[name], student=name)
+        finish_outputs(sub, job.data, out / name, reports[name], student=name)
         _write_json(reports[name], out / name / "report.json")
     degenerate = sorted(name for name, r in reports.items() if r["degenerate_student"])
     warnings = list(job.warnings)
@@ -352,6 +356,7 @@ def run_evaluation(model_path: str | os.PathLike, *, arch: str | None = None, no
     if not _is_number(eps) or not 0 < eps <= 1:
         raise ConfigError(f"eps must be a number in (0, 1] (8/255 = {8 / 255:.5f}), got {eps!r}")
     _check_attacks(attacks)
+    check_attacks_for_format(model_path, fmt, attacks)  # ONNX: clean only, said before loading data
     if n_examples is not None:
         _check_int("n_examples", n_examples, *LIMITS["n_eval"])
     if not Path(model_path).is_file():  # fail before loading the data
@@ -359,7 +364,8 @@ def run_evaluation(model_path: str | os.PathLike, *, arch: str | None = None, no
     dev = resolve_device(device)
     data = load_dataset(dataset, data_root, val_size=0, seed=seed)
     loaded = load_model_file(model_path, arch=arch, num_classes=data.num_classes, normalize=normalize or None,
-                             fmt=fmt, device=dev, input_shape=tuple(int(s) for s in data.test.x.shape[1:]))
+                             fmt=fmt, device=dev, input_shape=tuple(int(s) for s in data.test.x.shape[1:]),
+                             allow_onnx=True)
 
     def progress(event: dict[str, Any]) -> None:
         _emit(on_event, {"type": "eval_progress", **{k: v for k, v in event.items() if k != "type"}})
