@@ -1,4 +1,4 @@
-"""``python -m core distill|evaluate|models|methods``: the library from a shell.
+"""``python -m core distill|evaluate|export|models|methods``: the library from a shell.
 
 A user's mistake ends in one line ``error: ...`` on stderr and exit code 2, never a traceback; a cancel
 (Ctrl-C) ends with exit code 130. Progress goes to stderr, results to stdout.
@@ -86,7 +86,7 @@ DATASET_HELP = "cifar10, cifar100, cifar10-partial, cifar100-partial or npz"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m core", description="Robust knowledge distillation (RSLAD, baselines).")
-    sub = parser.add_subparsers(dest="command", metavar="{distill,evaluate,models,methods}")
+    sub = parser.add_subparsers(dest="command", metavar="{distill,evaluate,export,models,methods}")
     sub.required = True
 
     d = sub.add_parser("distill", help="train a student from a teacher and evaluate it",
@@ -160,6 +160,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.add_argument("--out", required=True, metavar="report.json")
     e.set_defaults(func=cmd_evaluate)
+
+    x = sub.add_parser("export", help="export a student to safetensors, TorchScript, .pt2 and ONNX, "
+                                      "each checked against the model on test images")
+    x.add_argument("--model", required=True, metavar="PATH", help="the student (state dict or safetensors)")
+    x.add_argument("--arch", metavar="NAME", help="its architecture (python -m core models)")
+    x.add_argument("--num-classes", type=positive_int, metavar="C", help="checked against the dataset's")
+    x.add_argument("--formats", type=parse_list, metavar="F,...", help="default: all of "
+                   "safetensors,torchscript,export,onnx")
+    x.add_argument("--dataset", default="cifar10", help=DATASET_HELP)
+    x.add_argument("--data-root", required=True, metavar="PATH")
+    x.add_argument("--n-check", type=positive_int, default=256, metavar="N",
+                   help="test images the exports are checked on (at most 10000)")
+    x.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed |logit difference|")
+    x.add_argument("--prefix", default="student", help="file names: PREFIX.onnx, PREFIX.pt2, ...")
+    x.add_argument("--eps", type=parse_fraction, help="recorded in the safetensors metadata")
+    x.add_argument("--method", help="recorded in the safetensors metadata")
+    x.add_argument("--out", required=True, metavar="DIR")
+    x.set_defaults(func=cmd_export)
 
     m = sub.add_parser("models", help="list the architectures")
     m.add_argument("--json", action="store_true")
@@ -276,6 +294,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         _err(f"warning: {message}")
     print(f"\nreport: {out}")
     return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Prints one line per format and writes DIR/exports.json; exit 1 when a format failed its check."""
+    from core.export import FORMATS, export_model_file
+
+    records = export_model_file(args.model, args.out, arch=args.arch, dataset=args.dataset,
+                                data_root=args.data_root, num_classes=args.num_classes, n_check=args.n_check,
+                                formats=args.formats or FORMATS, prefix=args.prefix, tolerance=args.tolerance,
+                                eps=args.eps, method=args.method)
+    (Path(args.out) / "exports.json").write_text(json.dumps(records, indent=2) + "\n")
+    for r in records:
+        if r["ok"]:
+            print(f"{r['format']:<12} ok   {r['file']}  max|diff| {r['max_abs_diff']:.2g}  clean "
+                  f"{r['clean_accuracy']:.2%} (model {r['reference_clean_accuracy']:.2%}, n={r['n']})  "
+                  f"sha256 {r['sha256']}")
+        else:
+            print(f"{r['format']:<12} FAIL {r['error']}")
+    print(f"\nrecords: {Path(args.out) / 'exports.json'}")
+    return 0 if all(r["ok"] for r in records) else 1
 
 
 def cmd_models(args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ from torch import nn
 from core.attacks import ATTACKS, Attack, create_attack
 from core.device import resolve_device
 from core.errors import Cancelled, ConfigError, DataError
+from core.exported import ONNX_ONLY_CLEAN
 from core.guardrails import CHANCE_Z, MIN_CONCLUSIVE_N, at_chance
 
 # attack -> attacks it is at least as strong as, on the same examples. Not listed on purpose: PGD versus
@@ -151,6 +152,8 @@ def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: 
     if y.min().item() < 0 or y.max().item() >= num_classes:
         raise DataError(f"labels must be in [0, {num_classes - 1}] for a model with {num_classes} outputs, "
                         f"got [{y.min().item()}, {y.max().item()}]")
+    if getattr(model, "supports_gradients", True) is False and any(a != "clean" for a in attacks):
+        raise ConfigError(ONNX_ONLY_CLEAN)  # a forward-only model (core.exported.OnnxModel)
     built = _build_attacks(model, attacks, eps, surrogate, dict(attack_kwargs or {}), seed)
 
     rows: list[dict[str, Any]] = []

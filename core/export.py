@@ -29,6 +29,8 @@ import hashlib
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -101,11 +103,12 @@ def export_student(model: nn.Module, out_dir: Path, prefix: str, *, metadata: di
     """Export ``model`` into every format in ``formats`` under ``out_dir`` and check each one.
 
     The model is copied to CPU, fp32, eval mode (the caller's model is not touched); it takes [0, 1]
-    images NCHW. Each file is loaded back with no project code and compared with the copy on
-    ``images``. Returns one record per format: format, file (name only; None when no file was kept),
-    sha256, bytes, ok, error (why it could not be exported or checked), max_abs_diff, tolerance,
-    clean_accuracy, reference_clean_accuracy, n, seconds, dynamic_batch. A failing format never raises;
-    bad arguments (unknown format, non-string metadata, mismatched images/labels) raise ConfigError.
+    images NCHW (``images`` may be a Split's uint8, divided by 255 here). Each file is loaded back with
+    no project code and compared with the copy on ``images``. Returns one record per format: format,
+    file (name only; None when no file was kept), sha256, bytes, ok, error (why it could not be
+    exported or checked), max_abs_diff, tolerance, clean_accuracy, reference_clean_accuracy, n, seconds,
+    dynamic_batch. A failing format never raises; bad arguments (unknown format, non-string metadata,
+    images not in [0, 1], mismatched labels) raise ConfigError.
     """
     formats = list(formats)
     unknown = [f for f in formats if f not in FORMATS]
@@ -134,6 +137,32 @@ def export_student(model: nn.Module, out_dir: Path, prefix: str, *, metadata: di
     ]
 
 
+def export_model_file(model_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
+                      arch: str | None, dataset: str, data_root: str, num_classes: int | None = None,
+                      n_check: int = 256,
+                      formats: Sequence[str] = FORMATS, prefix: str = "student",
+                      tolerance: float = DEFAULT_TOLERANCE, eps: float | None = None,
+                      method: str | None = None) -> list[dict[str, Any]]:
+    """``python -m core export``: a student file (state dict, safetensors, ...) exported and checked on the
+    first ``n_check`` test images of ``dataset``. Normalisation is not offered: students take [0, 1]."""
+    from core.data import load_dataset
+    from core.teachers import load_model_file
+
+    if not isinstance(n_check, int) or not 1 <= n_check <= MAX_CHECK_IMAGES:
+        raise ConfigError(f"n_check must be an integer in [1, {MAX_CHECK_IMAGES}], got {n_check!r}")
+    for fmt in formats:
+        export_file_name(prefix, fmt)  # an unknown format fails before the data is read
+    data = load_dataset(dataset, data_root, val_size=0, seed=0)
+    if num_classes is not None and num_classes != data.num_classes:
+        raise ConfigError(f"--num-classes {num_classes} but {data.name} has {data.num_classes} classes")
+    loaded = load_model_file(model_path, arch=arch, num_classes=data.num_classes,
+                             input_shape=tuple(int(v) for v in data.test.x.shape[1:]))
+    name = loaded.arch or arch or ""
+    meta = student_metadata(name, loaded.num_classes, eps=eps, method=method)
+    return export_student(loaded.model, Path(out_dir), prefix, metadata=meta, images=data.test.x[:n_check],
+                          labels=data.test.y[:n_check], formats=formats, tolerance=tolerance)
+
+
 # ------------------------------------------------------------------------------------------ internals
 
 
@@ -144,7 +173,11 @@ def _check_images(images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         raise ConfigError("export check labels must be a 1-D tensor with one label per image")
     if images.shape[0] > MAX_CHECK_IMAGES:
         raise ConfigError(f"export checks at most {MAX_CHECK_IMAGES} images, got {images.shape[0]}")
-    return images.detach().to("cpu", torch.float32).contiguous(), labels.detach().to("cpu", torch.long)
+    x = images.detach().cpu()
+    x = x.float().div(255) if x.dtype == torch.uint8 else x.to(torch.float32)  # a Split's uint8 images
+    if float(x.min()) < 0 or float(x.max()) > 1:
+        raise ConfigError("export check images must be uint8 or float in [0, 1]")
+    return x.contiguous(), labels.detach().to("cpu", torch.long)
 
 
 def _logits(run: Callable[[Tensor], Tensor], images: Tensor) -> Tensor:
@@ -154,6 +187,13 @@ def _logits(run: Callable[[Tensor], Tensor], images: Tensor) -> Tensor:
 
 def _accuracy(logits: Tensor, labels: Tensor) -> float:
     return float((logits.argmax(1) == labels).float().mean())
+
+
+def _example(images: Tensor) -> Tensor:
+    """Two random [0, 1] images of the check images' shape to trace with: a .pt2 stores its example
+    inputs, and a user's (possibly private) images have no business inside the exported file."""
+    generator = torch.Generator().manual_seed(0)
+    return torch.rand((2, *images.shape[1:]), generator=generator)
 
 
 def _one_by_one(run: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
@@ -171,7 +211,10 @@ def _export_one(fmt: str, student: nn.Module, out_dir: Path, prefix: str, metada
     started = time.perf_counter()
     name = export_file_name(prefix, fmt)
     path = out_dir / name
-    partial = out_dir / f".partial-{name}"  # keeps the suffix the writers expect
+    # Written under its final name in a private folder (a .pt2 archive names its top folder after the
+    # file), then renamed: the file appears whole or not at all.
+    scratch = Path(tempfile.mkdtemp(prefix=".partial-", dir=out_dir))
+    partial = scratch / name
     record: dict[str, Any] = {
         "format": fmt, "file": None, "sha256": None, "bytes": None, "ok": False, "error": None,
         "max_abs_diff": None, "tolerance": tolerance, "clean_accuracy": None,
@@ -183,8 +226,8 @@ def _export_one(fmt: str, student: nn.Module, out_dir: Path, prefix: str, metada
     try:
         with warnings.catch_warnings():  # exporters' deprecation notices are not the user's concern
             warnings.simplefilter("ignore")
-            record["dynamic_batch"] = _EXPORTERS[fmt](student, partial, images[:2], metadata)
-            os.replace(partial, path)  # the file appears whole or not at all
+            record["dynamic_batch"] = _EXPORTERS[fmt](student, partial, _example(images), metadata)
+            os.replace(partial, path)
             stage = "check"
             run = _LOADERS[fmt](path, student, metadata)
             if record["dynamic_batch"] is False:  # a program fixed to the example's batch of one
@@ -194,7 +237,7 @@ def _export_one(fmt: str, student: nn.Module, out_dir: Path, prefix: str, metada
     except Exception as exc:  # one format's failure is recorded, never raised
         record["error"] = f"{stage} failed: {_first_line(exc)}"
     finally:
-        partial.unlink(missing_ok=True)
+        shutil.rmtree(scratch, ignore_errors=True)
     if record["ok"]:
         record.update(file=name, sha256=sha256_file(path), bytes=path.stat().st_size)
     else:

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from core.archive_limits import ExpansionLimits, check_legacy_torch, check_safetensors, zip_members
 from core.errors import ConfigError, ModelLoadError
+from core.exported import is_onnx_request, load_onnx, metadata_normalize, safetensors_metadata
 from core.models import create_model, list_models
 
 Stats = tuple[float, ...]
@@ -167,32 +168,44 @@ def load_model_file(
     device: str | torch.device = "cpu",
     input_shape: tuple[int, int, int] = (3, 32, 32),
     limits: ExpansionLimits | None = None,
+    allow_onnx: bool = False,
 ) -> LoadedModel:
     """Load a teacher from a file of any supported format, check it with a probe and freeze it.
 
     ``limits`` bounds what the file may expand to; it is checked from the declared sizes (zip members,
-    safetensors header) before any reader allocates them (see core.archive_limits).
+    safetensors header) before any reader allocates them (see core.archive_limits). A safetensors file
+    whose metadata names its architecture (``core.export``) needs no ``arch``. ``allow_onnx`` (the
+    evaluate CLI, never uploads) also reads ``.onnx`` files, as forward-only models (core.exported).
     """
     p = Path(path)
     if not p.is_file():
         raise ModelLoadError(f"model file {str(p)!r} does not exist or is not a file")
     fmt = (fmt or "auto").strip().lower()
-    if fmt not in FORMATS and fmt != "auto":
-        raise ConfigError(f"unknown model format {fmt!r}; use auto or one of {', '.join(FORMATS)}")
+    known_formats = (*FORMATS, "onnx") if allow_onnx else FORMATS
+    if fmt not in known_formats and fmt != "auto":
+        raise ConfigError(f"unknown model format {fmt!r}; use auto or one of {', '.join(known_formats)}")
     _check_expansion(p, limits)
     if fmt == "auto":
-        fmt = sniff_format(p)
+        fmt = "onnx" if allow_onnx and is_onnx_request(p, fmt) else sniff_format(p)
     norm = _normalization(normalize)
 
-    if fmt == "torchscript":
+    if fmt == "onnx":
+        model: nn.Module = load_onnx(p)
+    elif fmt == "safetensors":
+        meta = safetensors_metadata(p)  # {} unless written by core.export (student_metadata's keys)
+        arch = arch or meta.get("architecture") or None
+        if norm is None:
+            norm = metadata_normalize(meta)
+        model = _build_from_state_dict(_clean_keys(_load_safetensors(p)), arch, num_classes)
+    elif fmt == "torchscript":
         model = _load_torchscript(p)
     elif fmt == "export":
         model = _load_export(p)
     else:
-        tensors = _load_safetensors(p) if fmt == "safetensors" else _find_state_dict(_load_pickle(p))
+        tensors = _find_state_dict(_load_pickle(p))
         model = _build_from_state_dict(_clean_keys(tensors), arch, num_classes)
 
-    num_params = sum(t.numel() for t in model.parameters())
+    num_params = int(getattr(model, "num_params", 0)) or sum(t.numel() for t in model.parameters())
     if norm is not None:
         model = Normalized(model, *norm)
     model = model.to(device)
