@@ -55,6 +55,7 @@ from distill_client.transport import (
     auth_headers,
     stream_item,
 )
+from distill_client.verify import student_artifact
 
 
 class AsyncClient:
@@ -284,6 +285,13 @@ class AsyncJobs:
         wanted = names if names is not None else [a.name for a in listed]
         recorded = {a.name: a.sha256 for a in listed}
         return [await self.download_artifact(job_id, n, dest, sha256=recorded.get(n)) for n in wanted]
+
+    async def download_student(
+        self, job_id: str, dest: ep.PathLike, *, format: str = "export", which: str = "best",
+        student: str | None = None,
+    ) -> Path:
+        """One student file (see ``Client.jobs.download_student``)."""
+        return await self.download_artifact(job_id, student_artifact(format, which, student), dest)
 
     async def download_artifact(
         self, job_id: str, name: str, dest: ep.PathLike, *, sha256: str | None = None

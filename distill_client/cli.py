@@ -27,6 +27,7 @@ from distill_client.errors import ApiError, DistillError
 from distill_client.models import JobOut, Report, TeacherOut
 from distill_client.progress import ProgressView, describe, fmt_metric
 from distill_client.transport import DEFAULT_URL
+from distill_client.verify import SUFFIXES, WHICH, TorchMissing, verify_job
 
 
 def watch(
@@ -179,6 +180,18 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("job_id")
     download.add_argument("--out", type=Path, required=True)
     download.add_argument("--name", action="append", help="only this artifact (repeatable)")
+    download.add_argument("--format", choices=list(SUFFIXES),
+                          help="only the student in this format (export = torch.export .pt2)")
+    download.add_argument("--which", choices=list(WHICH), default="best", help="with --format: which student")
+    download.add_argument("--student", help="with --format: the student's name in a several-student job")
+    verify = job.add_parser("verify", help="re-run the model card's attacks locally (needs torch)")
+    verify.add_argument("job_id")
+    verify.add_argument("--data-root", required=True, type=Path, help="your copy of the dataset")
+    verify.add_argument("--which", choices=list(WHICH), default="best")
+    verify.add_argument("--student", help="the student's name in a several-student job")
+    verify.add_argument("--out", type=Path, default=Path("verify"),
+                        help="where the files go (default ./verify)")
+    verify.add_argument("--device", default="cpu", help="cpu (the default: the card's numbers) or cuda")
 
     run = sub.add_parser("run", help="upload a teacher, create a job, watch it, download the results")
     _add_teacher_options(run)
@@ -254,6 +267,19 @@ def _as_dir(path: Path) -> Path:
     return path
 
 
+def _verify(client: Client, args: argparse.Namespace) -> int:
+    """0 when every local figure agrees with the card, 1 when one does not, 2 without torch."""
+    try:
+        result = verify_job(client, args.job_id, args.data_root, _as_dir(args.out), which=args.which,
+                            student=args.student, device=args.device)
+    except TorchMissing as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for line in result.lines():
+        print(line)
+    return 0 if result.agrees else 1
+
+
 def _run(args: argparse.Namespace, client: Client) -> int:
     progress = not args.quiet
     if args.command == "teacher":
@@ -273,6 +299,12 @@ def _run(args: argparse.Namespace, client: Client) -> int:
             return finish(watch(client, job.id, progress=progress)) if args.watch else 0
         if args.action == "watch":
             return finish(watch(client, args.job_id, progress=progress))
+        if args.action == "download" and args.format:
+            print(jobs.download_student(args.job_id, _as_dir(args.out), format=args.format,
+                                        which=args.which, student=args.student))
+            return 0
+        if args.action == "verify":
+            return _verify(client, args)
         if args.action == "download":
             names = args.name or [a.name for a in jobs.artifacts(args.job_id)]
             if not names:

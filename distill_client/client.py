@@ -59,6 +59,7 @@ from distill_client.transport import (
     auth_headers,
     stream_item,
 )
+from distill_client.verify import student_artifact
 
 
 class Client:
@@ -309,6 +310,14 @@ class Jobs:
         wanted = names if names is not None else [a.name for a in listed]
         recorded = {a.name: a.sha256 for a in listed}
         return [self.download_artifact(job_id, n, dest, sha256=recorded.get(n)) for n in wanted]
+
+    def download_student(
+        self, job_id: str, dest: ep.PathLike, *, format: str = "export", which: str = "best",
+        student: str | None = None,
+    ) -> Path:
+        """One student file: ``format`` onnx, torchscript, export (.pt2), safetensors or state_dict (.pt);
+        ``which`` best or last; ``student`` the name in a several-student job."""
+        return self.download_artifact(job_id, student_artifact(format, which, student), dest)
 
     def download_artifact(
         self, job_id: str, name: str, dest: ep.PathLike, *, sha256: str | None = None

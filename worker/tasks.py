@@ -50,6 +50,19 @@ RESULT_FILES = ("student_best.pt", "student_last.pt", "report.json")
 PROGRESS_EVERY_S = 1.0
 
 
+def _handed_out(out: Path, report: dict[str, Any]) -> list[tuple[str, Path]]:
+    """The exported students (artifact name = file name, e.g. ``student_best.onnx``) and the model card.
+
+    Only the exports that succeeded are files; a failed format is named in the card instead.
+    """
+    from core.model_card import CARD_JSON, CARD_MD
+    from core.student_outputs import EXPORTS_DIR
+
+    files = [(r["file"], out / EXPORTS_DIR / r["file"]) for which in ("best", "last")
+             for r in (report.get("exports") or {}).get(which, []) if r.get("ok") and r.get("file")]
+    return files + [(name, out / name) for name in (CARD_MD, CARD_JSON)]
+
+
 @app.task(name=RUN_JOB_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def run_job(job_id: str) -> str:
     """Run one job; returns a word for the worker's log (the job's state lives in the database)."""
@@ -196,6 +209,7 @@ class JobRun:
             job = session.get(Job, self.job_id)
             assert job is not None
             params = dict(job.params or {})
+            params["job_id"] = self.job_id  # named in the exports' metadata and the model card
             teacher = session.get(Teacher, job.teacher_id) if job.teacher_id else None
             dataset = session.get(Dataset, job.dataset_id) if job.dataset_id else None
             teacher_row = (
@@ -409,8 +423,12 @@ class JobRun:
             files = [("report.json", self.out / "report.json")]
             files += [(self._stored(name, student), self.out / student / name)
                       for student in self.students for name in RESULT_FILES]
+            for student in self.students:
+                files += [(self._stored(name, student), path)
+                          for name, path in _handed_out(self.out / student, report["students"][student])]
         else:
             files = [(name, self.out / name) for name in RESULT_FILES]
+            files += _handed_out(self.out, report)
         for name, path in files:
             self.store.put_file(self._key(name), path)
         with self._write() as session:
