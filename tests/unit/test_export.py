@@ -229,3 +229,49 @@ def test_onnx_with_a_gradient_attack_says_it_needs_a_pytorch_format(exported_cli
     onnx_model = load_model_file(root / "out" / "student_best.onnx", allow_onnx=True).model
     with pytest.raises(ConfigError, match="ONNX supports attacks=clean"):
         evaluate_model(onnx_model, torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]), ["clean", "fgsm"])
+
+
+README_ONNX_EXAMPLE = textwrap.dedent("""
+    import pickle, sys
+
+    import numpy as np
+    import onnxruntime as ort
+
+    with open(sys.argv[1], "rb") as f:  # CIFAR-10's test_batch, the official pickle format
+        test = pickle.load(f, encoding="latin1")
+    images = test["data"][:64].reshape(-1, 3, 32, 32).astype(np.float32) / 255  # NCHW in [0, 1]
+    labels = np.array(test["labels"][:64])
+
+    session = ort.InferenceSession(sys.argv[2], providers=["CPUExecutionProvider"])
+    logits = session.run(["logits"], {"images": images})[0]
+    print(np.mean(logits.argmax(1) == labels))
+    assert "torch" not in sys.modules
+""")
+
+
+def test_the_readme_onnx_example_gives_the_recorded_clean_accuracy(exported_cli, shared_dir, tmp_path):
+    root, _ = exported_cli
+    record = next(r for r in json.loads((root / "out" / "exports.json").read_text()) if r["format"] == "onnx")
+    (tmp_path / "example.py").write_text(README_ONNX_EXAMPLE)
+    test_batch = shared_dir / "data" / "cifar-10-batches-py-partial" / "test_batch"
+    proc = subprocess.run([sys.executable, "example.py", str(test_batch), str(root / "out" / record["file"])],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert float(proc.stdout.split()[-1]) == record["clean_accuracy"]
+
+
+def test_a_model_that_only_exports_for_one_batch_size_is_recorded_as_fixed(tmp_path, monkeypatch):
+    real_export = torch.export.export
+
+    def no_dynamic_batch(model, args, **kwargs):
+        if kwargs.get("dynamic_shapes") is not None:
+            raise RuntimeError("Constraints violated (batch)!")
+        return real_export(model, args, **kwargs)
+
+    monkeypatch.setattr(torch.export, "export", no_dynamic_batch)
+    images, labels = torch.rand(3, 3, 32, 32), torch.tensor([0, 1, 2])
+    (record,) = export_student(_student("conv_small"), tmp_path, "s", metadata={}, images=images,
+                               labels=labels, formats=["export"])
+    assert record["ok"] and record["dynamic_batch"] is False and record["n"] == 3
+    program = torch.export.load(tmp_path / "s.pt2").module()
+    assert program(images[:1]).shape == (1, 10)
