@@ -114,7 +114,9 @@ def test_the_client_alone_runs_a_job_end_to_end(client_venv: Path, stack: Stack,
     assert seen["status"] == "succeeded", (seen["error"], stack.worker_log())
     assert seen["statuses"] == ["queued", "running", "evaluating", "succeeded"]
     assert seen["event_ids"] == sorted(set(seen["event_ids"]))  # in order, none twice
-    assert seen["files"] == sorted(seen["artifacts"]) == ["report.json", "student_best.pt", "student_last.pt"]
+    assert seen["files"] == sorted(seen["artifacts"])
+    wanted = {"report.json", "student_best.pt", "student_last.pt", "model_card.json", "student_best.onnx"}
+    assert wanted <= set(seen["files"])
     assert seen["clean_rows"] == ["clean"]
     import hashlib
 
@@ -137,3 +139,10 @@ def test_the_client_alone_runs_a_job_end_to_end(client_venv: Path, stack: Stack,
     assert watched.returncode == 0, watched.stderr
     assert f"{seen['job'][:8]} succeeded 100%" in watched.stderr
     assert "status: succeeded" in watched.stderr
+    verify = subprocess.run(  # verify re-runs attacks: without torch it says so and exits 2
+        [str(cli), "--url", str(stack.client.http.base_url), "--key", key, "job", "verify", seen["job"],
+         "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "verify")],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path / "run", env=env,
+    )
+    assert verify.returncode == 2, (verify.stdout, verify.stderr)
+    assert "needs torch" in verify.stderr

@@ -35,6 +35,10 @@ __all__ = ["worker_services"]  # a fixture: imported so that pytest finds it
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
 
 N_EVAL = 128
+# What every job hands out besides its weights and report: the exported students and the model card.
+HANDED_OUT = tuple(f"student_{which}{suffix}" for which in ("best", "last")
+                   for suffix in (".safetensors", ".torchscript.pt", ".pt2", ".onnx")) + (
+                       "model_card.md", "model_card.json")
 JOB = {
     "student": "tiny_cnn",
     "method": "rslad",
@@ -135,7 +139,7 @@ def test_job_runs_to_a_report_that_matches_the_weights(
     assert "epoch 2/2" in shown.getvalue()
 
     names = {a.name for a in client.jobs.artifacts(job.id)}
-    assert names == {"student_best.pt", "student_last.pt", "report.json"}
+    assert names == {"student_best.pt", "student_last.pt", "report.json", *HANDED_OUT}
     best = client.jobs.download_artifact(job.id, "student_best.pt", tmp_path)
     report = client.jobs.report(job.id)
     assert report.resumed_from_epoch == 0
@@ -180,7 +184,7 @@ def test_several_students_in_one_job(stack: Stack, teacher_id: str, shared_dir: 
 
     names = {a.name for a in client.jobs.artifacts(job.id)}
     prefixes = ("tiny_cnn-rslad", "tiny_cnn-ard")
-    files = ("student_best.pt", "student_last.pt", "report.json")
+    files = ("student_best.pt", "student_last.pt", "report.json", *HANDED_OUT)
     assert names == {"report.json"} | {f"{p}.{f}" for p in prefixes for f in files}
     report = client.jobs.report(job.id)
     assert report.students is not None and list(report.students) == list(prefixes)
