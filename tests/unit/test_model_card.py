@@ -167,3 +167,30 @@ def test_several_students_each_get_exports_and_a_card(colours: Path, tmp_path: P
         records = report["students"][name]["exports"]["best"]
         assert card["exports"]["best"][0]["sha256"] == records[0]["sha256"]
         assert f"--student {name}" in card["recheck"]["verify_command"]
+
+
+def test_the_teacher_is_described_with_its_check_and_robustness(colours: Path, tmp_path: Path) -> None:
+    from core.models import create_model
+
+    torch.manual_seed(1)
+    teacher = tmp_path / "teacher.pt"
+    torch.save(create_model("tiny_cnn", 4).state_dict(), teacher)
+    cfg = _config(colours, teacher_path=str(teacher), teacher_arch="tiny_cnn", method="rslad", epochs=1,
+                  method_params={"steps": 1}, attacks=["clean", "fgsm"], evaluate_teacher=True,
+                  exports=["safetensors"])
+    report = run_distillation(cfg, tmp_path / "out")
+    card = json.loads((tmp_path / "out" / CARD_JSON).read_text())
+    t = card["teacher"]
+    assert t["sha256"] == _sha256(teacher) == report["teacher"]["sha256"]
+    assert (t["format"], t["arch"], t["params"]) == ("state_dict", "tiny_cnn", report["teacher"]["params"])
+    assert t["check"] == report["teacher"]["check"]
+    assert [r["accuracy"] for r in t["evaluation"]["rows"]] == [
+        r["accuracy"] for r in report["teacher"]["evaluation"]["rows"]]
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "out" / "exports" / "student_best.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["teacher_sha256"] == t["sha256"] and meta["job_id"] == "job-0123"
+    assert meta["method"] == "rslad" and meta["architecture"] == "tiny_cnn"
+    md = (tmp_path / "out" / CARD_MD).read_text()
+    assert t["sha256"] in md and "Teacher's own robustness" in md
