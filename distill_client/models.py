@@ -141,6 +141,11 @@ class JobCreate(BaseModel):
     teacher_claimed_accuracy: float | None = Field(
         default=None, gt=0, le=1, description="The teacher's known clean accuracy (well below it: a warning)"
     )
+    exports: list[Literal["safetensors", "torchscript", "export", "onnx"]] | None = Field(
+        default=None,
+        max_length=4,
+        description="Formats the best and last students are exported to (default all four; [] none)",
+    )
     students: list[StudentSpec] | None = Field(
         default=None,
         min_length=1,

@@ -170,6 +170,8 @@ def resolve_params(
     )
     if body.attacks is not None:
         cfg.attacks = list(body.attacks)
+    if body.exports is not None:
+        cfg.exports = list(body.exports)
     epochs = 0
     for sub in cfg.student_configs().values():
         method = sub.build_method(data.num_classes)

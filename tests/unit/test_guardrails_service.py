@@ -185,3 +185,16 @@ def test_a_failed_jobs_error_names_no_server_path(stack: Any) -> None:
     for root in (settings.data_root, settings.var_dir, settings.work_dir):
         assert str(root) not in shown["error"] and str(Path(root).resolve()) not in shown["error"], shown
     assert not re.search(r"(^|[\s'\"(])/[A-Za-z]", shown["error"]), shown["error"]  # nor any absolute path
+
+
+def test_job_exports_are_chosen_and_checked_before_the_job_exists(stack: Any) -> None:
+    app, client, alice, settings = stack
+    job = _job(client, alice, method="sat", dataset="cifar10-partial", exports=["onnx"])
+    assert job["params"]["exports"] == ["onnx"]
+    assert _job(client, alice, method="sat", dataset="cifar10-partial", exports=[])["params"]["exports"] == []
+    default = _job(client, alice, method="sat", dataset="cifar10-partial")["params"]["exports"]
+    assert sorted(default) == ["export", "onnx", "safetensors", "torchscript"]
+    for bad in (["bogus"], ["onnx", "onnx"]):
+        r = client.post("/v1/jobs", headers=alice, json={"method": "sat", "dataset": "cifar10-partial",
+                                                           "exports": bad})
+        assert r.status_code == 422 and "export" in r.json()["detail"], r.text
