@@ -279,7 +279,8 @@ def _params_for(method: str, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from core.pipeline import _write_json, run_evaluation
+    from core.files import write_json
+    from core.pipeline import run_evaluation
 
     report = run_evaluation(args.model, arch=args.arch, normalize=args.normalize, dataset=args.dataset,
                             data_root=args.data_root, attacks=args.attacks, n_examples=args.n_examples,
@@ -288,7 +289,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.parent != Path(""):
         out.parent.mkdir(parents=True, exist_ok=True)
-    _write_json(report, out)
+    write_json(report, out)
     print(_accuracy_table({Path(args.model).name[:14]: report["rows"]}))
     for message in report["warnings"]:
         _err(f"warning: {message}")

@@ -25,7 +25,6 @@ Decisions:
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 import os
@@ -41,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from core.errors import ConfigError
+from core.files import sha256_file
 
 FORMATS = ("safetensors", "torchscript", "export", "onnx")
 FILE_SUFFIXES = {
@@ -87,14 +87,6 @@ def student_metadata(architecture: str, num_classes: int, *, mean: Sequence[floa
         "job_id": job_id or "",
         "teacher_sha256": teacher_sha256 or "",
     }
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def export_student(model: nn.Module, out_dir: Path, prefix: str, *, metadata: dict[str, str],

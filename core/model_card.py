@@ -19,6 +19,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from core.files import write_json, write_text
 from core.stats import wilson_interval
 
 CARD_JSON = "model_card.json"
@@ -78,15 +79,9 @@ def write_card(report: dict[str, Any], out_dir: str | os.PathLike, *, job_id: st
     """Write ``model_card.json`` and ``model_card.md`` into ``out_dir``; return the card."""
     card = build_card(report, job_id=job_id, student=student)
     out = Path(out_dir)
-    _write_text(out / CARD_JSON, json.dumps(card, indent=2) + "\n")
-    _write_text(out / CARD_MD, render_markdown(card))
+    write_json(card, out / CARD_JSON)
+    write_text(out / CARD_MD, render_markdown(card))
     return card
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _evaluation(final: dict[str, Any]) -> dict[str, Any]:

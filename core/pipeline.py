@@ -6,10 +6,7 @@ JSON-serialisable ``DistillConfig``, and everything it learnt is in the returned
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
-import json
-import math
 import os
 import platform
 import time
@@ -37,41 +34,11 @@ from core.errors import ConfigError, ModelLoadError
 from core.eval_progress import EvaluationProgress, ProgressFn
 from core.evaluate import evaluate_model
 from core.exported import check_attacks_for_format
+from core.files import finite, sha256_file, write_json
 from core.models import create_model
 from core.student_outputs import finish_outputs
 from core.teachers import load_model_file
 from core.train import EventFn, StopFn, TrainConfig, Trainer
-
-
-def _write_json(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=_jsonable)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, (tuple, set)):
-        return list(obj)
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    return str(obj)
-
-
-def _finite(obj: Any) -> Any:
-    """JSON has no inf/nan: replace them by None, recursively."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 def versions() -> dict[str, str]:
@@ -111,16 +78,8 @@ def teacher_name(cfg: DistillConfig) -> dict[str, Any]:
     if cfg.teacher_id:
         return {"id": cfg.teacher_id, "sha256": cfg.teacher_sha256}
     assert cfg.teacher_path
-    sha256 = cfg.teacher_sha256 or _sha256(cfg.teacher_path)
+    sha256 = cfg.teacher_sha256 or sha256_file(cfg.teacher_path)
     return {"file": os.path.basename(cfg.teacher_path), "sha256": sha256}
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _emit(on_event: EventFn | None, event: dict[str, Any]) -> None:
@@ -148,7 +107,7 @@ def run_distillation(cfg: DistillConfig, out_dir: str | os.PathLike, *, on_event
     _emit(on_event, {"type": "status", "status": "evaluating"})
     report = job.report(cfg, fit, out, started, checks[""])
     finish_outputs(cfg, job.data, out, report)
-    _write_json(report, out / "report.json")
+    write_json(report, out / "report.json")
     return report
 
 
@@ -183,12 +142,12 @@ def run_multi_distillation(cfg: DistillConfig, out_dir: str | os.PathLike, *, on
     for name, sub in subs.items():
         reports[name] = job.report(sub, fits[name], out / name, started, checks[name], student=name)
         finish_outputs(sub, job.data, out / name, reports[name], student=name)
-        _write_json(reports[name], out / name / "report.json")
+        write_json(reports[name], out / name / "report.json")
     degenerate = sorted(name for name, r in reports.items() if r["degenerate_student"])
     warnings = list(job.warnings)
     for name, r in reports.items():
         warnings += [f"{name}: {w}" for w in r["warnings"] if w not in job.warnings]
-    report = _finite({
+    report = finite({
         "degenerate_student": bool(degenerate),
         "degenerate_students": degenerate,
         "warnings": warnings,
@@ -200,7 +159,7 @@ def run_multi_distillation(cfg: DistillConfig, out_dir: str | os.PathLike, *, on
         "versions": versions(),
         "seconds": round(time.monotonic() - started, 3),
     })
-    _write_json(report, out / "report.json")
+    write_json(report, out / "report.json")
     return report
 
 
@@ -320,7 +279,7 @@ class _Inputs:
             for message in final[which]["warnings"]:
                 warnings.append(f"{which} checkpoint: {message}")
                 _emit(self.on_event, {"type": "warning", "message": warnings[-1]})
-        return _finite({
+        return finite({
             "degenerate_student": bool(check["degenerate"]),
             "warnings": warnings,
             "config": public_config(cfg),
@@ -384,4 +343,4 @@ def run_evaluation(model_path: str | os.PathLike, *, arch: str | None = None, no
         "versions": versions(),
         "seconds": round(time.monotonic() - started, 3),
     }
-    return _finite(report)
+    return finite(report)

@@ -7,7 +7,6 @@ The best and the last student are exported to every format in ``cfg.exports`` (`
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ import torch
 
 from core.config import DistillConfig
 from core.data import DatasetBundle
+from core.files import finite
 from core.model_card import write_card
 from core.models import create_model
 
@@ -56,14 +56,9 @@ def export_students(cfg: DistillConfig, data: DatasetBundle, out: Path,
         model.eval()
         rows = export_student(model, out / EXPORTS_DIR, f"student_{which}", metadata=metadata, images=images,
                               labels=labels, formats=tuple(cfg.exports))
-        records[which] = [_finite({**r, "file": Path(str(r["file"])).name if r.get("file") else None})
+        records[which] = [finite({**r, "file": Path(str(r["file"])).name if r.get("file") else None})
                           for r in rows]
     return records
-
-
-def _finite(record: dict[str, Any]) -> dict[str, Any]:
-    """JSON has no inf/nan (a diverged export's difference): None instead."""
-    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
 
 
 def finish_outputs(cfg: DistillConfig, data: DatasetBundle, out: Path, report: dict[str, Any], *,
