@@ -48,6 +48,7 @@ log = get_task_logger(__name__)
 
 RESULT_FILES = ("student_best.pt", "student_last.pt", "report.json")
 PROGRESS_EVERY_S = 1.0
+MAX_JOB_WARNINGS = 100  # what jobs.warnings keeps; every warning stays in the job's events
 
 
 def _handed_out(out: Path, report: dict[str, Any]) -> list[tuple[str, Path]]:
@@ -61,6 +62,12 @@ def _handed_out(out: Path, report: dict[str, Any]) -> list[tuple[str, Path]]:
     files = [(r["file"], out / EXPORTS_DIR / r["file"]) for which in ("best", "last")
              for r in (report.get("exports") or {}).get(which, []) if r.get("ok") and r.get("file")]
     return files + [(name, out / name) for name in (CARD_MD, CARD_JSON)]
+
+
+def _with_warnings(current: list[str] | None, new: list[str]) -> list[str]:
+    """The job's warnings with ``new`` appended once each, at most ``MAX_JOB_WARNINGS`` (a new list: JSON
+    columns notice assignment, not mutation)."""
+    return list(dict.fromkeys([*(current or []), *new]))[:MAX_JOB_WARNINGS]
 
 
 @app.task(name=RUN_JOB_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
@@ -389,8 +396,8 @@ class JobRun:
                     session, self.job_id, "warning", {"message": message}, dedupe_key=f"warning:{digest}"
                 )
                 job = session.get(Job, self.job_id)
-                if job is not None and message not in (job.warnings or []) and len(job.warnings or []) < 100:
-                    job.warnings = [*(job.warnings or []), message]  # a new list: JSON columns see assignment
+                if job is not None:
+                    job.warnings = _with_warnings(job.warnings, [message])
         elif kind == "teacher_check":  # measured before training (core.guardrails.check_teacher)
             record = finite({k: v for k, v in event.items() if k != "type"})
             with self._write() as session:
@@ -441,7 +448,7 @@ class JobRun:
             if job.attempts != self.attempt:
                 raise LostLease()
             # Add the report's warnings to those its events brought in while the job ran.
-            job.warnings = list(dict.fromkeys([*(job.warnings or []), *report.get("warnings", [])]))[:100]
+            job.warnings = _with_warnings(job.warnings, report.get("warnings", []))
             job.degenerate_student = bool(report.get("degenerate_student"))
             transition(session, job, "succeeded")
         log.info("job %s: succeeded in %.1f s", self.job_id, report.get("seconds") or 0.0)
