@@ -100,22 +100,14 @@ def lose_worker(session: Any, job: Job, max_lost_workers: int, message: str) -> 
     """The attempt on ``job`` (running or evaluating) lost its worker: count it, then requeue, cancel
     (a cancel was asked for) or fail (too many lost workers). Returns the new status. The caller sends
     a message for a requeued job after committing; the status moves are compare-and-set."""
-    lost = job.lost_workers + 1
-    session.execute(
-        sa.update(Job)
-        .where(Job.id == job.id)
-        .values(lost_workers=lost)
-        .execution_options(synchronize_session=False)
-    )
+    lost = _count(session, job.id, lost_workers=job.lost_workers + 1)
     if job.cancel_requested:
         transition(session, job, "cancelled", error=f"{message}; cancel was requested")
     elif lost >= max_lost_workers:
         transition(session, job, "failed", error=lost_too_often(lost, max_lost_workers))
     else:
-        note = {"message": f"{message}; requeued (lost worker {lost} of {max_lost_workers})"}
-        add_event(session, job.id, "warning", note, dedupe_key=f"requeue:{job.attempts}")
-        transition(session, job, "queued")
-        mark_enqueued(session, job.id)
+        note = f"{message}; requeued (lost worker {lost} of {max_lost_workers})"
+        _requeue(session, job, note, dedupe_key=f"requeue:{job.attempts}")
     return job.status
 
 
@@ -127,23 +119,30 @@ def retry_or_fail(session: Any, job_id: str, attempt: int, error: str, max_attem
     job = session.get(Job, job_id, with_for_update=True)
     if job is None or job.is_terminal or job.attempts != attempt:
         return "lost lease"
-    failed = job.failed_attempts + 1
-    session.execute(
-        sa.update(Job)
-        .where(Job.id == job_id)
-        .values(failed_attempts=failed)
-        .execution_options(synchronize_session=False)
-    )
+    failed = _count(session, job_id, failed_attempts=job.failed_attempts + 1)
     if job.cancel_requested or failed >= max_attempts:
         final = error if job.cancel_requested else failed_too_often(failed, error)
         transition(session, job, "failed", error=final)
         log.info("job %s: failed: %s", job_id, final)
         return "failed"
     note = f"attempt {attempt} failed ({error}); retry {failed} of {max_attempts - 1}"
-    add_event(session, job_id, "warning", {"message": note}, dedupe_key=f"retry:{attempt}")
-    transition(session, job, "queued")
-    mark_enqueued(session, job_id)
+    _requeue(session, job, note, dedupe_key=f"retry:{attempt}")
     return "retrying"
+
+
+def _count(session: Any, job_id: str, **counter: int) -> int:
+    """Store one of the job's attempt counters (``lost_workers=n`` or ``failed_attempts=n``); returns n."""
+    session.execute(
+        sa.update(Job).where(Job.id == job_id).values(**counter).execution_options(synchronize_session=False)
+    )
+    return next(iter(counter.values()))
+
+
+def _requeue(session: Any, job: Job, note: str, dedupe_key: str) -> None:
+    """Back to ``queued`` with a warning saying why; the caller sends the message after committing."""
+    add_event(session, job.id, "warning", {"message": note}, dedupe_key=dedupe_key)
+    transition(session, job, "queued")
+    mark_enqueued(session, job.id)
 
 
 def mark_enqueued(session: Any, job_id: str) -> None:
