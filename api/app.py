@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 
 import core
 from api import docs, errors, model_check
-from api.routes import datasets, health, jobs, teachers
+from api.routes import datasets, health, jobs, teachers, ui
 from api.streams import JobWatch, StreamSlots
 from api.uploads import BodySizeLimit
 from core.errors import UserError
@@ -135,6 +135,6 @@ def create_app(
     app.add_exception_handler(ObjectNotFound, _missing_object)  # type: ignore[arg-type]
     errors.install(app)  # HTTPExceptions in the same shape; the OpenAPI document declares it
     docs.install(app)
-    for module in (health, teachers, datasets, jobs):
+    for module in (health, teachers, datasets, jobs, ui):
         app.include_router(module.router)
     return app

@@ -26,3 +26,15 @@ if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; the
     echo "setup: chromium/chromedriver missing and apt-get as root unavailable; the browser test will fail" >&2
   fi
 fi
+# The dashboard's chart library (uPlot), pinned by ui/package-lock.json and served by the API from
+# ui/node_modules: no CDN, works offline. `npm ci` again only when the lock file changed.
+if command -v npm >/dev/null; then
+  lockstamp=ui/node_modules/.installed-$(sha256sum ui/package-lock.json | cut -c1-16)
+  if [ ! -f "$lockstamp" ]; then
+    (cd ui && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error) \
+      && touch "$lockstamp" \
+      || echo "setup: npm ci in ui/ failed; the dashboard's charts will not load" >&2
+  fi
+else
+  echo "setup: npm missing (Node.js 20+): the dashboard's charts will not load" >&2
+fi
