@@ -1,4 +1,6 @@
-"""CW-inf: PGD on the Carlini-Wagner margin loss, as in the IAD / RSLAD evaluation code.
+"""CW-inf: PGD on the Carlini-Wagner margin loss with confidence kappa 50, as in the IAD code and the
+PGD attack of Madry et al.'s CIFAR-10 challenge code (the RSLAD repository has no evaluation code to
+follow).
 
 The margin loss sidesteps the softmax saturation of cross entropy, so it still pushes on points the
 model classifies very confidently; it is a cheap check against gradient masking by large logits.
@@ -27,7 +29,8 @@ def cw_margin_loss(logits: torch.Tensor, y: torch.Tensor, kappa: float) -> torch
 
 
 class CWInf(PGDAttack):
-    """20 steps of 2/255 from a uniform start (the paper's 20 PGD steps; IAD's code uses 30), kappa 50."""
+    """20 steps of 2/255 from a uniform start (the paper's 20 PGD steps; IAD's code uses 30), kappa 50
+    (IAD's and Madry et al.'s margin)."""
 
     name = "cw_inf"
     defaults: dict[str, Any] = {"steps": 20, "step_size": 2 / 255, "init": "uniform", "kappa": 50.0}
