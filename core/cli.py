@@ -164,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="export a student to safetensors, TorchScript, .pt2 and ONNX, "
                                       "each checked against the model on test images")
     x.add_argument("--model", required=True, metavar="PATH", help="the student (state dict or safetensors)")
+    e.add_argument("--job-test-split", action="store_true",
+                   help="npz without x_test: evaluate the seeded 20%% a distillation job with this --seed "
+                        "held out (to re-check its numbers) instead of the whole file")
     x.add_argument("--arch", metavar="NAME", help="its architecture (python -m core models)")
     x.add_argument("--num-classes", type=positive_int, metavar="C", help="checked against the dataset's")
     x.add_argument("--formats", type=parse_list, metavar="F,...", help="default: all of "
@@ -285,7 +288,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     report = run_evaluation(args.model, arch=args.arch, normalize=args.normalize, dataset=args.dataset,
                             data_root=args.data_root, attacks=args.attacks, n_examples=args.n_examples,
                             eps=args.eps, device=args.device, fmt=args.format, batch_size=args.batch_size,
-                            seed=args.seed)
+                            seed=args.seed, job_test_split=args.job_test_split)
     out = Path(args.out)
     if out.parent != Path(""):
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -83,11 +83,14 @@ def load_dataset(
     download: bool = False,
     limits: ExpansionLimits | None = None,
     display_name: str | None = None,
+    evaluation_only: bool = False,
 ) -> DatasetBundle:
     """Load ``name`` from ``root`` and carve a seeded validation split out of its training set.
 
     For ``npz``: ``limits`` bounds what the file may expand to (checked before any array is read) and
     ``display_name`` is how messages name the file (an upload's own filename, not a server path).
+    ``evaluation_only``: only the test split will be used (evaluating a model, not training one), so an
+    npz without ``x_test`` is evaluated whole: its seeded 20% test split exists for training only.
     """
     key = str(name).strip().lower().replace("_", "-")
     if key not in DATASETS:
@@ -106,7 +109,7 @@ def load_dataset(
     elif key in _PARTIAL:
         train, test, num_classes, note = _load_partial(key, root)
     else:
-        train, test, num_classes, note = _load_npz(root, gen, limits, display_name)
+        train, test, num_classes, note = _load_npz(root, gen, limits, display_name, evaluation_only)
 
     n_train = len(train)
     if val_size >= n_train:
@@ -250,7 +253,8 @@ def _load_partial(key: str, root: Path) -> tuple[Split, Split, int, str]:
 
 
 def _load_npz(
-    path: Path, gen: torch.Generator, limits: ExpansionLimits | None, name: str | None
+    path: Path, gen: torch.Generator, limits: ExpansionLimits | None, name: str | None,
+    whole_is_test: bool = False,
 ) -> tuple[Split, Split, int, str]:
     summary = check_npz(path, limits, name)  # everything validated before a whole array is read
     label = name or path.name
@@ -263,6 +267,9 @@ def _load_npz(
     if summary.n_test:
         test = Split(_images(arrays["x_test"]), _labels(arrays["y_test"]))
         note = f"npz {label}: given train and test arrays"
+    elif whole_is_test:
+        test = train
+        note = f"npz {label}: no x_test, so every image of x ({len(test)}) is evaluated"
     else:
         n_test = len(train) // 5
         train, test = _split_off(train, n_test, gen)

@@ -139,6 +139,8 @@ def _recheck(config: dict[str, Any], evaluation: dict[str, Any], exports: dict[s
                  "--out", "recheck.json"]
         command = shlex.join(parts)
     verify = f"distill-client job verify {job_id} --data-root DATA_ROOT" if job_id else None
+        if dataset == "npz":  # the job's test split: without x_test, its seeded 20%, not the whole file
+            parts.insert(-2, "--job-test-split")
     if verify and student:
         verify += f" --student {student}"
     return {"evaluate_command": command, "verify_command": verify, "model_file": model,

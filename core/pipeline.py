@@ -308,8 +308,12 @@ def run_evaluation(model_path: str | os.PathLike, *, arch: str | None = None, no
                    dataset: str = "cifar10", data_root: str = "data", attacks: list[str] | None = None,
                    n_examples: int | None = None, eps: float = DEFAULT_EPS, device: str = "auto",
                    fmt: str = "auto", batch_size: int = 256, seed: int = 0,
-                   should_stop: StopFn | None = None, on_event: EventFn | None = None) -> dict[str, Any]:
-    """One model file on a dataset's test split under an attack suite (``python -m core evaluate``)."""
+                   should_stop: StopFn | None = None, on_event: EventFn | None = None,
+                   job_test_split: bool = False) -> dict[str, Any]:
+    """One model file on a dataset's test split under an attack suite (``python -m core evaluate``).
+
+    An npz without ``x_test`` is evaluated whole; ``job_test_split`` evaluates the seeded 20% a
+    distillation job with this seed held out instead (to re-check that job's numbers)."""
     started = time.monotonic()
     attacks = list(attacks or DEFAULT_ATTACKS)
     if not _is_number(eps) or not 0 < eps <= 1:
@@ -321,7 +325,8 @@ def run_evaluation(model_path: str | os.PathLike, *, arch: str | None = None, no
     if not Path(model_path).is_file():  # fail before loading the data
         raise ModelLoadError(f"model file {str(model_path)!r} does not exist or is not a file")
     dev = resolve_device(device)
-    data = load_dataset(dataset, data_root, val_size=0, seed=seed)
+    data = load_dataset(dataset, data_root, val_size=0, seed=seed,
+                        evaluation_only=not job_test_split)
     loaded = load_model_file(model_path, arch=arch, num_classes=data.num_classes, normalize=normalize or None,
                              fmt=fmt, device=dev, input_shape=tuple(int(s) for s in data.test.x.shape[1:]),
                              allow_onnx=True)

@@ -129,7 +129,7 @@ def verify_job(client: Any, job_id: str, data_root: str | Path, dest: str | Path
     local = run_evaluation(model_path, dataset=config.get("dataset") or "cifar10", data_root=str(data_root),
                            attacks=[r["attack"] for r in rows], n_examples=int(rows[0]["n"]), eps=eps,
                            device=device, fmt=fmt, batch_size=int(rc.get("batch_size") or 256),
-                           seed=int(rc.get("seed") or 0))
+                           seed=int(rc.get("seed") or 0), job_test_split=True)
     by_attack = {r["attack"]: r for r in local["rows"]}
     result = VerifyResult(job_id, which, Path(model_path).name)
     for r in rows:

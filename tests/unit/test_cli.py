@@ -244,3 +244,26 @@ def test_numbers_and_params_parse_fractions() -> None:
     assert parse_param("step_size=0.5/255") == ("step_size", pytest.approx(0.5 / 255))
     assert parse_param("milestones=[10,15]") == ("milestones", [10, 15])
     assert parse_param("soft_labels=adversarial") == ("soft_labels", "adversarial")
+
+
+def test_evaluate_uses_the_whole_npz_without_x_test(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The seeded 80/20 split of an npz without x_test is for training; evaluating a model reads it all
+    (``--job-test-split`` evaluates the 20% a distillation job held out, to re-check that job)."""
+    rng = np.random.default_rng(2)
+    y = np.arange(40) % 2
+    x = rng.integers(0, 256, size=(40, 8, 8, 3), dtype=np.uint8)
+    data = tmp_path / "only_x.npz"
+    np.savez(data, x=x, y=y)
+    torch.manual_seed(0)
+    weights = tmp_path / "tiny.pt"
+    torch.save(create_model("tiny_cnn", 2).state_dict(), weights)
+    common = ["evaluate", "--model", str(weights), "--arch", "tiny_cnn", "--dataset", "npz", "--data-root",
+              str(data), "--attacks", "clean", "--device", "cpu"]
+    assert main([*common, "--out", str(tmp_path / "whole.json")]) == 0
+    whole = json.loads((tmp_path / "whole.json").read_text())
+    assert whole["rows"][0]["n"] == 40 and whole["dataset"]["test"] == 40
+    assert "worst class" in capsys.readouterr().out
+    assert main([*common, "--job-test-split", "--out", str(tmp_path / "job.json")]) == 0
+    job = json.loads((tmp_path / "job.json").read_text())
+    assert job["rows"][0]["n"] == 8
+    assert job["rows"][0]["examples"]["sha256"] != whole["rows"][0]["examples"]["sha256"]
