@@ -1,4 +1,4 @@
-"""``python -m core distill|evaluate|export|models|methods``: the library from a shell.
+"""``python -m core distill|evaluate|compare|export|models|methods``: the library from a shell.
 
 A user's mistake ends in one line ``error: ...`` on stderr and exit code 2, never a traceback; a cancel
 (Ctrl-C) ends with exit code 130. Progress goes to stderr, results to stdout.
@@ -86,7 +86,7 @@ DATASET_HELP = "cifar10, cifar100, cifar10-partial, cifar100-partial or npz"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m core", description="Robust knowledge distillation (RSLAD, baselines).")
-    sub = parser.add_subparsers(dest="command", metavar="{distill,evaluate,export,models,methods}")
+    sub = parser.add_subparsers(dest="command", metavar="{distill,evaluate,compare,export,models,methods}")
     sub.required = True
 
     d = sub.add_parser("distill", help="train a student from a teacher and evaluate it",
@@ -158,15 +158,28 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=positive_int, default=256)
     e.add_argument("--seed", type=non_negative_int, default=0)
     e.add_argument("--device", default="auto")
+    e.add_argument("--job-test-split", action="store_true",
+                   help="npz without x_test: evaluate the seeded 20%% a distillation job with this --seed "
+                        "held out (to re-check its numbers) instead of the whole file")
     e.add_argument("--out", required=True, metavar="report.json")
     e.set_defaults(func=cmd_evaluate)
+
+    c = sub.add_parser("compare", help="is model B's accuracy significantly different from A's? "
+                                       "(McNemar's exact test on the same test examples)")
+    c.add_argument("report_a", metavar="A.json", help="a report.json (evaluate, distill or several students)")
+    c.add_argument("report_b", metavar="B.json")
+    c.add_argument("--attack", metavar="NAME", help="only this attack (default: every attack in both)")
+    c.add_argument("--checkpoint", choices=("best", "last"), default="best",
+                   help="which checkpoint of a distillation report (default best)")
+    c.add_argument("--student", metavar="NAME", help="the student of a several-student report (A, and B "
+                                                     "unless --student-b)")
+    c.add_argument("--student-b", metavar="NAME", help="B's student when it differs from A's")
+    c.add_argument("--json", action="store_true", help="print the comparisons as JSON")
+    c.set_defaults(func=cmd_compare)
 
     x = sub.add_parser("export", help="export a student to safetensors, TorchScript, .pt2 and ONNX, "
                                       "each checked against the model on test images")
     x.add_argument("--model", required=True, metavar="PATH", help="the student (state dict or safetensors)")
-    e.add_argument("--job-test-split", action="store_true",
-                   help="npz without x_test: evaluate the seeded 20%% a distillation job with this --seed "
-                        "held out (to re-check its numbers) instead of the whole file")
     x.add_argument("--arch", metavar="NAME", help="its architecture (python -m core models)")
     x.add_argument("--num-classes", type=positive_int, metavar="C", help="checked against the dataset's")
     x.add_argument("--formats", type=parse_list, metavar="F,...", help="default: all of "
@@ -195,20 +208,57 @@ def _err(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
+def _accuracy_cell(row: dict[str, Any]) -> str:
+    """'61.20% [58.14, 64.17]': the accuracy and its 95% Wilson interval (computed for older reports)."""
+    from core.stats import rounded_interval
+
+    n = int(row["n"])
+    low, high = row.get("ci95") or rounded_interval(round(float(row["accuracy"]) * n), n)
+    return f"{float(row['accuracy']):.2%} [{100 * low:.2f}, {100 * high:.2f}]"
+
+
+def _worst_cell(row: dict[str, Any]) -> str:
+    worst = row.get("worst_class")
+    return "-" if not worst else f"{worst['class']}: {float(worst['accuracy']):.2%} (n={worst['n']})"
+
+
 def _accuracy_table(columns: dict[str, list[dict[str, Any]]]) -> str:
-    """Rows: attacks; columns: e.g. best / last; cells: accuracy in percent."""
+    """Rows: attacks; per column (e.g. best / last): accuracy [95% interval], then the worst class."""
     names: list[str] = []
     for rows in columns.values():
         names += [r["attack"] for r in rows if r["attack"] not in names]
-    lookup = {c: {r["attack"]: r["accuracy"] for r in rows} for c, rows in columns.items()}
+    lookup = {c: {r["attack"]: r for r in rows} for c, rows in columns.items()}
+    n = next((r["n"] for rows in columns.values() for r in rows), None)
+    cells = {c: {name: (_accuracy_cell(r), _worst_cell(r)) for name, r in lookup[c].items()} for c in columns}
     width = max(len("attack"), *(len(n) for n in names))
-    cw = {c: max(14, len(c)) for c in columns}
-    lines = ["  ".join([f"{'attack':<{width}}", *(f"{c:>{cw[c]}}" for c in columns)])]
+    cw = {c: max(len(c), *(len(v[0]) for v in cells[c].values())) for c in columns}
+    ww = {c: max(len("worst class"), *(len(v[1]) for v in cells[c].values())) for c in columns}
+    head = [f"{'attack':<{width}}"]
+    for c in columns:
+        head += [f"{c:>{cw[c]}}", f"{'worst class':<{ww[c]}}"]
+    lines = ["  ".join(head).rstrip()]
     for name in names:
-        cells = [f"{lookup[c][name]:>{cw[c]}.2%}" if name in lookup[c] else f"{'-':>{cw[c]}}"
-                 for c in columns]
-        lines.append("  ".join([f"{name:<{width}}", *cells]))
+        line = [f"{name:<{width}}"]
+        for c in columns:
+            acc, worst = cells[c].get(name, ("-", "-"))
+            line += [f"{acc:>{cw[c]}}", f"{worst:<{ww[c]}}"]
+        lines.append("  ".join(line).rstrip())
+    lines.append(f"(accuracy [95% Wilson interval, %] on n={n} test images; worst class: its accuracy and n)")
     return "\n".join(lines)
+
+
+def _comparison_lines(comparisons: dict[str, Any]) -> list[str]:
+    """The several-student verdicts: each student against the reference, per attack."""
+    from core.compare import format_comparison
+
+    out = [f"comparisons ({comparisons['checkpoint']} checkpoints, against {comparisons['reference']}; "
+           f"{comparisons['test']}):"]
+    for r in comparisons.get("results", []):
+        if "error" in r:
+            out.append(f"  {r['student']}: not compared: {r['error']}")
+        else:
+            out.append("  " + format_comparison(r, r["reference"], r["student"]))
+    return out
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
@@ -254,6 +304,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
         print("teacher:")
         print(_accuracy_table({"teacher": report["teacher"]["evaluation"]["rows"]}))
         print()
+    if report.get("comparisons") and report["comparisons"].get("results"):
+        print("\n".join(_comparison_lines(report["comparisons"])))
+        print()
     for message in report["warnings"]:
         _err(f"warning: {message}")
     if report.get("degenerate_student"):
@@ -297,6 +350,30 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for message in report["warnings"]:
         _err(f"warning: {message}")
     print(f"\nreport: {out}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Per attack: both accuracies with intervals, the discordant counts, McNemar's p and the verdict."""
+    from core.compare import compare_row_lists, format_comparison, load_report, report_rows
+
+    a_name, b_name = str(args.report_a), str(args.report_b)
+    a_rows = report_rows(load_report(args.report_a), checkpoint=args.checkpoint, student=args.student,
+                         label=f"A ({a_name})")
+    b_rows = report_rows(load_report(args.report_b), checkpoint=args.checkpoint,
+                         student=args.student_b or args.student, label=f"B ({b_name})")
+    results = compare_row_lists(a_rows, b_rows, attack=args.attack, a_label=f"A ({a_name})",
+                                b_label=f"B ({b_name})")
+    if args.json:
+        print(json.dumps({"a": a_name, "b": b_name, "checkpoint": args.checkpoint, "comparisons": results},
+                         indent=2))
+        return 0
+    print(f"A: {a_name}  B: {b_name}  ({args.checkpoint} checkpoint; McNemar exact, two-sided, not mid-p; "
+          f"n={results[0]['n']} examples, fingerprint {results[0]['examples_sha256'][:12]})")
+    for r in results:
+        print(format_comparison(r, "A", "B"))
+        if r["a_eps"] != r["b_eps"]:
+            print(f"  note: {r['attack']} ran at eps {r['a_eps']:.6g} in A and {r['b_eps']:.6g} in B")
     return 0
 
 

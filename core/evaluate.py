@@ -8,6 +8,7 @@ a weaker one, or any attack that does better than no attack, is the classic symp
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -21,6 +22,7 @@ from core.device import resolve_device
 from core.errors import Cancelled, ConfigError, DataError
 from core.exported import ONNX_ONLY_CLEAN
 from core.guardrails import CHANCE_Z, MIN_CONCLUSIVE_N, at_chance
+from core.stats import encode_bits, rounded_interval
 
 # attack -> attacks it is at least as strong as, on the same examples. Not listed on purpose: PGD versus
 # FGSM (a PGD run from a random start is not guaranteed to beat the single FGSM step on every model).
@@ -117,8 +119,13 @@ def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: 
                    seed: int | None = 0) -> dict[str, Any]:
     """Accuracy of ``model`` on (x, y) under each attack in ``attacks``, in the order given.
 
-    Returns ``{"rows": [{"attack", "accuracy", "n", "eps", "settings", "seconds"}, ...], "warnings": [...],
-    "ordering_ok": bool}``; accuracy is a fraction in [0, 1]. ``seed`` seeds every attack's randomness
+    Returns ``{"rows": [row, ...], "warnings": [...], "ordering_ok": bool, "degenerate": bool}``. A row:
+    ``attack``, ``accuracy`` (a fraction in [0, 1]), ``n``, ``correct``, ``ci95`` (its 95% Wilson interval),
+    ``eps``, ``settings``, ``seconds``, ``per_class`` / ``worst_class`` (``class_breakdown``),
+    ``examples`` ({n, sha256 of the evaluated images and labels (``examples_fingerprint``), order}) and
+    ``correct_bits`` (which of the n examples were still classified correctly after the attack:
+    ``core.stats.encode_bits``, example i = the i-th test example), what ``python -m core compare``
+    reads. ``seed`` seeds every attack's randomness
     (random starts, Square, AutoAttack) unless ``attack_kwargs[name]`` gives its own seed or generator.
     ``should_stop()`` is polled before every batch and raises ``Cancelled`` when it returns True;
     ``on_progress`` receives ``{"type": "progress", "attack", "done", "total", "fraction"}`` after each.
@@ -156,23 +163,29 @@ def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: 
         raise ConfigError(ONNX_ONLY_CLEAN)  # a forward-only model (core.exported.OnnxModel)
     built = _build_attacks(model, attacks, eps, surrogate, dict(attack_kwargs or {}), seed)
 
+    fingerprint = examples_fingerprint(x, y)
     rows: list[dict[str, Any]] = []
     try:
         for index, attack in enumerate(built):
             started = time.perf_counter()
-            correct = 0
+            bits = torch.zeros(n, dtype=torch.bool)
             for lo in range(0, n, batch_size):
                 if should_stop is not None and should_stop():
                     raise Cancelled(f"evaluation cancelled during {attack.name}")
                 hi = min(lo + batch_size, n)
                 _, still_correct = attack.run(x[lo:hi].to(device), y[lo:hi].to(device))
-                correct += int(still_correct.sum().item())
+                bits[lo:hi] = still_correct.detach().to("cpu", torch.bool).reshape(-1)
                 if on_progress is not None:
                     on_progress({"type": "progress", "attack": attack.name, "done": hi, "total": n,
                                  "fraction": (index + hi / n) / len(built)})
             seconds = round(time.perf_counter() - started, 3)
-            rows.append({"attack": attack.name, "accuracy": correct / n, "n": n, "eps": attack.eps,
-                         "settings": dict(attack.settings), "seconds": seconds})
+            correct = int(bits.sum().item())
+            rows.append({"attack": attack.name, "accuracy": correct / n, "n": n, "correct": correct,
+                         "ci95": rounded_interval(correct, n), "eps": attack.eps,
+                         "settings": dict(attack.settings), "seconds": seconds,
+                         **class_breakdown(bits, y, num_classes),
+                         "examples": {"n": n, "sha256": fingerprint, "order": EXAMPLE_ORDER},
+                         "correct_bits": encode_bits(bits.numpy())})
             warnings.extend(w for w in attack.warnings if w not in warnings)
     finally:
         model.train(was_training)
@@ -183,6 +196,55 @@ def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: 
     degenerate = check_degenerate(rows, num_classes, majority_share=_majority_share(y))
     return {"rows": rows, "warnings": warnings + ordering + degenerate, "ordering_ok": not ordering,
             "degenerate": bool(degenerate)}
+
+
+EXAMPLE_ORDER = "the first n examples of the test split, in order"
+# per_class lists every class up to this many; past it only the WORST_KEPT worst (and a note says so)
+MAX_PER_CLASS = 1000
+WORST_KEPT = 20
+
+
+def examples_fingerprint(x: torch.Tensor, y: torch.Tensor) -> str:
+    """sha256 over the evaluated images (dtype, shape, bytes) and their int64 labels, in order.
+
+    Two reports are comparable example by example only when their fingerprints (and n) are equal, so
+    rows measured on other images, another order or other labels can never be compared by mistake.
+    """
+    digest = hashlib.sha256()
+    images = x.detach().to("cpu").contiguous()
+    digest.update(f"images {images.dtype} {tuple(images.shape)}\n".encode())
+    digest.update(images.numpy())
+    labels = y.detach().to("cpu", torch.int64).contiguous()
+    digest.update(f"labels {tuple(labels.shape)}\n".encode())
+    digest.update(labels.numpy())
+    return digest.hexdigest()
+
+
+def class_breakdown(bits: torch.Tensor, y: torch.Tensor, num_classes: int) -> dict[str, Any]:
+    """``per_class`` (class -> {accuracy, n, correct}, for the classes present) and ``worst_class``.
+
+    The worst class is the present class with the lowest accuracy (ties: the smallest class index), with
+    its n and 95% Wilson interval; with few examples per class it is noisy, which the interval shows.
+    Size bound: up to ``MAX_PER_CLASS`` classes every present class is listed; beyond, only the
+    ``WORST_KEPT`` worst, and ``per_class_note`` says so (a report stays small for any label count).
+    """
+    labels = y.detach().to("cpu", torch.int64)
+    counts = torch.bincount(labels, minlength=num_classes)
+    hits = torch.bincount(labels, weights=bits.to(torch.float64), minlength=num_classes).round().long()
+    present = [k for k in range(num_classes) if int(counts[k]) > 0]
+    stats = {k: (int(hits[k]), int(counts[k])) for k in present}
+    order = sorted(present, key=lambda k: (stats[k][0] / stats[k][1], k))
+    kept = present if num_classes <= MAX_PER_CLASS else sorted(order[:WORST_KEPT])
+    out: dict[str, Any] = {"per_class": {str(k): {"accuracy": stats[k][0] / stats[k][1], "n": stats[k][1],
+                                                  "correct": stats[k][0]} for k in kept}}
+    if num_classes > MAX_PER_CLASS:
+        out["per_class_note"] = (f"{num_classes} classes: only the {len(kept)} worst are listed "
+                                 f"(every class up to {MAX_PER_CLASS})")
+    worst = order[0]
+    correct, n = stats[worst]
+    out["worst_class"] = {"class": worst, "accuracy": correct / n, "n": n, "correct": correct,
+                          "ci95": rounded_interval(correct, n)}
+    return out
 
 
 def _majority_share(y: torch.Tensor) -> float:

@@ -3,7 +3,8 @@
 Everything in the card is read from the run's report (and the export records in it), never recomputed,
 so the card's numbers are the report's numbers (tests/unit/test_model_card.py checks it). What the card
 adds is what a reader needs to trust or re-check them: the threat model, each accuracy's 95% Wilson
-interval, the sha256 of every exported file, and the commands that re-run the evaluation elsewhere.
+interval, the worst class (its accuracy, n and interval), the sha256 of every exported file, and the
+commands that re-run the evaluation elsewhere.
 
 Re-checking (``distill-client job verify``): a local figure agrees with the card's when it lies inside
 the card's 95% interval. On the CPU with the same images, eps, seed and batch size the figures are
@@ -92,7 +93,8 @@ def _evaluation(final: dict[str, Any]) -> dict[str, Any]:
         low, high = wilson_interval(correct, n)
         rows.append({"attack": row["attack"], "eps": row.get("eps"), "settings": row.get("settings") or {},
                      "accuracy": row["accuracy"], "correct": correct, "n": n,
-                     "interval95": [round(low, 6), round(high, 6)], "seconds": row.get("seconds")})
+                     "interval95": [round(low, 6), round(high, 6)], "seconds": row.get("seconds"),
+                     "worst_class": row.get("worst_class")})
     return {"epoch": final.get("epoch"), "same_as_last": bool(final.get("same_as_last")), "rows": rows,
             "ordering_ok": final.get("ordering_ok"), "warnings": list(final.get("warnings") or [])}
 
@@ -137,10 +139,10 @@ def _recheck(config: dict[str, Any], evaluation: dict[str, Any], exports: dict[s
                  "--n-examples", str(n), "--eps", repr(eps), "--seed", str(config.get("seed", 0)),
                  "--batch-size", str(config.get("eval_batch_size", 256)), "--device", "cpu",
                  "--out", "recheck.json"]
-        command = shlex.join(parts)
-    verify = f"distill-client job verify {job_id} --data-root DATA_ROOT" if job_id else None
         if dataset == "npz":  # the job's test split: without x_test, its seeded 20%, not the whole file
             parts.insert(-2, "--job-test-split")
+        command = shlex.join(parts)
+    verify = f"distill-client job verify {job_id} --data-root DATA_ROOT" if job_id else None
     if verify and student:
         verify += f" --student {student}"
     return {"evaluate_command": command, "verify_command": verify, "model_file": model,
@@ -218,10 +220,20 @@ def render_markdown(card: dict[str, Any]) -> str:
 
 
 def _table(rows: list[dict[str, Any]]) -> list[str]:
-    out = ["| attack | settings | accuracy | 95% interval | n | seconds |", "|---|---|---|---|---|---|"]
+    out = ["| attack | settings | accuracy | 95% interval | n | worst class | seconds |",
+           "|---|---|---|---|---|---|---|"]
     for r in rows:
         settings = ", ".join(f"{k}={v}" for k, v in sorted(r["settings"].items())) or "-"
         low, high = r["interval95"]
         out.append(f"| {r['attack']} | {settings} | {_pct(r['accuracy'])} | {_pct(low)} - {_pct(high)} | "
-                   f"{r['n']} | {r['seconds']} |")
+                   f"{r['n']} | {_worst(r.get('worst_class'))} | {r['seconds']} |")
     return out
+
+
+def _worst(worst: dict[str, Any] | None) -> str:
+    """'class 3: 41.00% (35.2% - 47.1%, n=100)'; 'n/a' for a report written before classes were counted."""
+    if not worst:
+        return "n/a"
+    low, high = worst["ci95"]
+    return (f"class {worst['class']}: {_pct(worst['accuracy'])} ({_pct(low)} - {_pct(high)}, "
+            f"n={worst['n']})")

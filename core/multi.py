@@ -17,7 +17,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from core.errors import Cancelled, ConfigError
+from core.errors import Cancelled, ConfigError, UserError
 from core.train import Determinism, EventFn, ProgressMeter, StopFn, Trainer
 
 # What the students must share to share a data pass and a teacher forward.
@@ -101,3 +101,35 @@ def _setting(trainer: Trainer, key: str) -> Any:
     if key == "device":
         return str(trainer.device)
     return getattr(trainer.config, key)
+
+
+def student_comparisons(reports: Mapping[str, dict[str, Any]], checkpoint: str = "best") -> dict[str, Any]:
+    """The report's ``comparisons``: every other student against a reference student, per attack, on
+    the ``checkpoint`` evaluation, by McNemar's exact test (``core.compare.compare_rows``).
+
+    The reference is the first student trained with RSLAD (the method this library is built around, so
+    "does this alternative beat RSLAD?" is the question asked), or the first student when none is.
+    ``a`` is the reference, ``b`` the other student: ``diff`` = student minus reference. A pair that
+    cannot be compared (no bits, other examples) carries ``error`` instead of failing the job.
+    """
+    from core.compare import compare_row_lists, report_rows
+
+    names = list(reports)
+    reference = next((n for n in names if (reports[n].get("config") or {}).get("method") == "rslad"),
+                     names[0] if names else None)
+    results: list[dict[str, Any]] = []
+    for name in names:
+        if name == reference:
+            continue
+        try:
+            pairs = compare_row_lists(report_rows(reports[reference], checkpoint=checkpoint),
+                                      report_rows(reports[name], checkpoint=checkpoint),
+                                      a_label=reference, b_label=name)
+        except UserError as exc:
+            results.append({"reference": reference, "student": name, "error": str(exc)})
+            continue
+        results += [{"reference": reference, "student": name, **pair} for pair in pairs]
+    return {"reference": reference, "checkpoint": checkpoint,
+            "rule": "the first RSLAD student, else the first student; a = reference, b = student, "
+                    "diff = b_acc - a_acc",
+            "test": "McNemar exact, two-sided (not mid-p), on the same test examples", "results": results}

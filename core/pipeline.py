@@ -119,7 +119,7 @@ def run_multi_distillation(cfg: DistillConfig, out_dir: str | os.PathLike, *, on
     returned (and written) ``out_dir/report.json`` holds every student's report under ``students``.
     Per-student events carry ``student: NAME``; progress events are the pass's.
     """
-    from core.multi import MultiTrainer
+    from core.multi import MultiTrainer, student_comparisons
 
     started = time.monotonic()
     cfg.validate()
@@ -155,6 +155,7 @@ def run_multi_distillation(cfg: DistillConfig, out_dir: str | os.PathLike, *, on
         "dataset": dataset_info(job.data),
         "teacher": job.teacher_info,
         "students": reports,
+        "comparisons": student_comparisons(reports),
         "shared_pass": {"students": list(subs), "teacher_forwards_per_batch": 1},
         "versions": versions(),
         "seconds": round(time.monotonic() - started, 3),

@@ -275,6 +275,10 @@ class AttackResult(BaseModel):
     attack: str
     accuracy: float | None = None
     n: int | None = Field(default=None, description="Examples evaluated")
+    ci95: list[float] | None = Field(default=None, description="The accuracy's 95% Wilson interval [lo, hi]")
+    worst_class: dict[str, Any] | None = Field(
+        default=None, description="The class with the lowest accuracy: {class, accuracy, n, correct, ci95}"
+    )
 
 
 class CheckpointResult(BaseModel):
@@ -294,6 +298,9 @@ class Report(BaseModel):
 
     final: dict[str, CheckpointResult] | None = None
     students: dict[str, Report] | None = None
+    comparisons: dict[str, Any] | None = Field(
+        default=None, description="Several students: each against the reference student, McNemar's exact test"
+    )
     warnings: list[str] = Field(default_factory=list)
     degenerate_student: bool | None = None
     config: dict[str, Any] | None = None

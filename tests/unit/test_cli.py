@@ -193,6 +193,7 @@ def test_tiny_distill_writes_report_and_resumes(
     assert main(args) == 0
     captured = capsys.readouterr()
     assert "epoch 2/2" in captured.err and "best (ep" in captured.out and "fgsm" in captured.out
+    assert "worst class" in captured.out and "95% Wilson interval" in captured.out
     report = json.loads((out / "report.json").read_text())
     assert len(report["history"]) == 2 and report["config"]["eps"] == pytest.approx(8 / 255)
     assert [r["attack"] for r in report["final"]["last"]["rows"]] == ["clean", "fgsm"]
@@ -231,6 +232,13 @@ def test_several_methods_train_in_one_pass(npz: Path, tmp_path: Path, capsys: py
     params = {n: r["train_config"]["method_params"] for n, r in report["students"].items()}
     assert params["tiny_cnn-trades"]["beta"] == 3 and params["tiny_cnn-sat"]["steps"] == 1
     assert "beta" not in params["tiny_cnn-sat"]
+    comparisons = report["comparisons"]  # no rslad student: the first student is the reference
+    assert comparisons["reference"] == "tiny_cnn-sat" and comparisons["checkpoint"] == "best"
+    (versus,) = comparisons["results"]
+    assert versus["student"] == "tiny_cnn-trades" and versus["attack"] == "clean" and versus["n"] == 8
+    assert {"a_acc", "b_acc", "diff", "b", "c", "p_value", "significant_at_5pct"} <= set(versus)
+    assert "comparisons (best checkpoints, against tiny_cnn-sat" in captured.out
+    assert "significant at 5%" in captured.out
 
     assert main([*args[:-1], str(tmp_path / "o2"), "--method-param", "rsald.steps=1"]) == 2
     assert "'rsald' is not a method" in one_error_line(capsys.readouterr().err)

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from core.errors import Cancelled, ConfigError, DataError
-from core.evaluate import check_ordering, evaluate_model
+from core.evaluate import MAX_PER_CLASS, WORST_KEPT, check_ordering, evaluate_model, examples_fingerprint
+from core.stats import decode_bits, wilson_interval
 
 EPS = 8 / 255
 D = 3 * 8 * 8
@@ -50,8 +51,13 @@ def test_rows_have_the_reported_fields(problem):
     rows = {r["attack"]: r for r in report["rows"]}
     assert [r["attack"] for r in report["rows"]] == ["clean", "fgsm", "pgd_sat", "cw_inf", "aa"]
     for r in report["rows"]:
-        assert set(r) == {"attack", "accuracy", "n", "eps", "settings", "seconds"}
+        assert set(r) == {"attack", "accuracy", "n", "correct", "ci95", "eps", "settings", "seconds",
+                          "per_class", "worst_class", "examples", "correct_bits"}
         assert r["n"] == 48 and 0.0 <= r["accuracy"] <= 1.0 and r["seconds"] >= 0
+        assert r["accuracy"] == r["correct"] / 48 and r["ci95"][0] <= r["accuracy"] <= r["ci95"][1]
+        assert sum(c["n"] for c in r["per_class"].values()) == 48
+        assert sum(c["correct"] for c in r["per_class"].values()) == r["correct"]
+        assert decode_bits(r["correct_bits"], 48).sum() == r["correct"]
     assert rows["clean"]["eps"] == 0.0 and rows["aa"]["eps"] == pytest.approx(EPS)
     assert rows["pgd_sat"]["settings"] == {"steps": 20, "step_size": 2 / 255, "init": "uniform", "seed": 0}
     assert rows["aa"]["accuracy"] < rows["clean"]["accuracy"]
@@ -141,3 +147,58 @@ def test_check_ordering_flags_inversions_and_passes_a_sane_report():
     # numbers measured on different examples are not compared
     assert check_ordering([row("pgd_sat", 0.5, n=100), row("aa", 0.6, n=50)]) == []
     assert check_ordering([row("pgd_sat", 0.5), row("aa", 0.505)], tolerance=0.01) == []
+
+
+class TwoClassLinear(nn.Module):
+    """Logits (0, 1) for every input: always answers class 1, so it is wrong on class 0, right on class 1."""
+
+    def __init__(self, num_classes: int = 2, answer: int = 1) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(num_classes))
+        with torch.no_grad():
+            self.bias[answer] = 1.0
+        self.scale = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bias + self.scale * x.flatten(1).sum(1, keepdim=True)
+
+
+def test_per_class_worst_class_and_bits_on_a_crafted_model():
+    x = torch.rand(10, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 1, 1, 0, 1, 1, 1, 0, 1, 1])  # 3 of class 0, 7 of class 1
+    report = evaluate_model(TwoClassLinear(), x, y, ["clean"], batch_size=4)
+    r = report["rows"][0]
+    assert r["per_class"] == {"0": {"accuracy": 0.0, "n": 3, "correct": 0},
+                              "1": {"accuracy": 1.0, "n": 7, "correct": 7}}
+    assert r["worst_class"] == {"class": 0, "accuracy": 0.0, "n": 3, "correct": 0,
+                                "ci95": [round(v, 6) for v in wilson_interval(0, 3)]}
+    assert decode_bits(r["correct_bits"], 10).tolist() == (y == 1).tolist()
+    assert r["examples"] == {"n": 10, "sha256": examples_fingerprint(x, y),
+                             "order": "the first n examples of the test split, in order"}
+    assert r["ci95"] == [round(v, 6) for v in wilson_interval(7, 10)]
+
+
+def test_fingerprint_tells_other_examples_labels_and_order_apart():
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.rand(6, 3, 4, 4, generator=g), torch.tensor([0, 1, 0, 1, 0, 1])
+    base = examples_fingerprint(x, y)
+    assert examples_fingerprint(x.clone(), y.clone()) == base
+    assert examples_fingerprint(x[[1, 0, 2, 3, 4, 5]], y[[1, 0, 2, 3, 4, 5]]) != base
+    assert examples_fingerprint(x, 1 - y) != base
+    assert examples_fingerprint(x[:5], y[:5]) != base
+    changed = x.clone()
+    changed[3, 0, 0, 0] += 1e-3
+    assert examples_fingerprint(changed, y) != base
+
+
+def test_per_class_is_bounded_for_many_classes():
+    classes = MAX_PER_CLASS + 5
+    y = torch.arange(classes) % classes
+    x = torch.rand(classes, 1, 2, 2, generator=torch.Generator().manual_seed(3))
+    report = evaluate_model(TwoClassLinear(classes, answer=7), x, y, ["clean"], batch_size=512)
+    r = report["rows"][0]
+    assert len(r["per_class"]) == WORST_KEPT and str(classes) in r["per_class_note"]
+    assert "7" not in r["per_class"] and all(c["accuracy"] == 0.0 for c in r["per_class"].values())
+    assert r["worst_class"]["class"] == 0 and r["correct"] == 1
+    small = evaluate_model(TwoClassLinear(10, answer=7), x[:10], y[:10], ["clean"])["rows"][0]
+    assert len(small["per_class"]) == 10 and "per_class_note" not in small
