@@ -17,9 +17,13 @@ also copied to ``docs/img/dashboard-job.png`` for the README.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,7 +75,54 @@ def stack(worker_services: WorkerServices, tmp_path_factory: pytest.TempPathFact
         if library.status_code != 200:  # the npm step of scripts/setup.sh did not run: fail, saying so
             pytest.fail(f"the dashboard's chart library is not served: {library.text}")
         s.start_worker()
-        yield s
+        try:
+            yield s
+        finally:
+            for proc in RESTARTED:
+                _stop_group(proc)
+
+
+RESTARTED: list[subprocess.Popen[bytes]] = []  # API processes a test started again (stopped with the stack)
+
+
+def _stop_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL for the process group (the API and its model-checking process)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=10)
+
+
+def _kill_api(stack: Stack) -> None:
+    """SIGKILL the API process and its group: its event streams drop mid-job, as in a crash."""
+    current = RESTARTED[-1] if RESTARTED else stack.api
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(current.pid, signal.SIGKILL)
+    current.wait(timeout=10)
+
+
+def _start_api_again(stack: Stack) -> None:
+    """The API again on the same port, with the same settings."""
+    port = urlsplit(_base(stack)).port
+    with open(stack.root / "api-again.log", "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--factory", "api.app:create_app", "--host", "127.0.0.1",
+             "--port", str(port), "--log-level", "warning"],
+            cwd=REPO, env=stack.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    RESTARTED.append(proc)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, (stack.root / "api-again.log").read_text()[-3000:]
+        with contextlib.suppress(Exception):
+            if stack.client.http.get("/healthz", timeout=2).status_code == 200:
+                return
+        time.sleep(0.3)
+    raise AssertionError("the API did not start again")
 
 
 @pytest.fixture
@@ -236,18 +287,21 @@ def _upload(driver: Any, form: str, file: Path, fields: dict[str, str]) -> str:
     return _text(driver, f"#{form}-status")
 
 
-def _requests_sent(driver: Any) -> list[str]:
-    """Every URL the page sent a request for, from the DevTools network log (drained by the call)."""
-    urls: list[str] = []
+def _requests_sent(driver: Any) -> list[tuple[str, dict[str, str]]]:
+    """(URL, headers) of every request the page sent, from the DevTools network log (drained by the
+    call)."""
+    sent: list[tuple[str, dict[str, str]]] = []
     for entry in driver.get_log("performance"):
         message = json.loads(entry["message"])["message"]
         if message.get("method") == "Network.requestWillBeSent":
-            urls.append(message["params"]["request"]["url"])
-    return urls
+            request = message["params"]["request"]
+            sent.append((request["url"], {k.lower(): v for k, v in request.get("headers", {}).items()}))
+    return sent
 
 
-def _check_the_browser(driver: Any, base: str, key: str, urls: list[str]) -> None:
+def _check_the_browser(driver: Any, base: str, key: str, sent: list[tuple[str, dict[str, str]]]) -> None:
     """Nothing left the machine, the key was never in a URL or a cookie, no CSP rule was broken."""
+    urls = [url for url, _ in sent]
     local = urlsplit(base).netloc
     away = [u for u in urls if urlsplit(u).scheme not in ("data", "blob") and urlsplit(u).netloc != local]
     assert away == [], f"the dashboard reached off the machine: {away}"
@@ -291,7 +345,7 @@ def test_a_job_made_in_the_form_runs_live_to_its_evaluation_table(
     from core.stats import wilson_interval
 
     base, key = _base(stack), _key(stack)
-    urls: list[str] = []
+    sent: list[tuple[str, dict[str, str]]] = []
     browser.get(f"{base}/")
     _wait(browser, lambda d: _all(d, "#api-key"), "the sign-in form")
     assert urlsplit(browser.current_url).path == "/ui/"
@@ -357,7 +411,10 @@ def test_a_job_made_in_the_form_runs_live_to_its_evaluation_table(
     assert job.params["attacks"] == ["clean", "fgsm"]
 
     # The curves grow while the worker trains: the chart's epoch count, read until the job has finished.
+    # After the first epoch the API is killed and started again: the page says so, then reconnects with
+    # Last-Event-ID and goes on from there.
     readings: list[int] = []
+    restarted = False
     deadline = time.monotonic() + JOB_S
     while time.monotonic() < deadline:
         charts = _all(browser, "[data-chart=accuracy]")
@@ -365,6 +422,12 @@ def test_a_job_made_in_the_form_runs_live_to_its_evaluation_table(
             epochs = int(charts[0].get_attribute("data-epochs") or 0)
             if not readings or readings[-1] != epochs:
                 readings.append(epochs)
+            if epochs >= 1 and not restarted and stack.client.jobs.get(job_id).status == "running":
+                sent += _requests_sent(browser)
+                _kill_api(stack)
+                _wait(browser, lambda d: "event stream" in _text(d, "#job-error"), "the dropped stream")
+                _start_api_again(stack)
+                restarted = True
         if _all(browser, "#job-status [data-status=succeeded], #job-status [data-status=failed]"):
             break
         time.sleep(0.1)
@@ -380,6 +443,15 @@ def test_a_job_made_in_the_form_runs_live_to_its_evaluation_table(
     readings.append(EPOCHS)
     print("the accuracy chart's epochs, as read while the job ran:", readings)
     assert readings == sorted(readings) and len(set(readings)) >= 2, readings
+    assert restarted, f"the job finished before the API could be restarted: {readings}"
+    assert _text(browser, "#job-error") == "", "the page still says the stream is down"
+    sent += _requests_sent(browser)
+    streams = [headers for url, headers in sent if urlsplit(url).path == f"/v1/jobs/{job_id}/events"]
+    assert len(streams) >= 2 and "last-event-id" not in streams[0], streams
+    resumed_from = [int(h["last-event-id"]) for h in streams[1:]]
+    last_event = stack.client.jobs.events(job_id, limit=1000).items[-1].id
+    assert resumed_from and all(0 < i <= last_event for i in resumed_from), (resumed_from, last_event)
+    assert all(h["authorization"] == f"Bearer {key}" for h in streams)
     metrics = stack.client.jobs.metrics(job_id)
     assert [m.epoch for m in metrics] == [1, 2, 3]
     for chart in ("loss", "accuracy", "lr"):
@@ -423,7 +495,7 @@ def test_a_job_made_in_the_form_runs_live_to_its_evaluation_table(
     row = _text(browser, f"#jobs-body tr[data-job-id='{job_id}']")
     assert "tiny_cnn" in row and "sat" in row and "colours" in row, row
     _screenshot(browser, "jobs")
-    urls += _requests_sent(browser)
+    sent += _requests_sent(browser)
     browser.set_window_size(390, 844)
     browser.get(f"{base}/ui/#/jobs/{job_id}")
     _wait(browser, lambda d: len(_all(d, "table.evaluation tr[data-attack]")) == 4, "the phone-size job page")
@@ -432,8 +504,8 @@ def test_a_job_made_in_the_form_runs_live_to_its_evaluation_table(
     _screenshot(browser, "job-phone")
     browser.execute_script("document.querySelector('[data-chart=accuracy]').scrollIntoView()")
     _screenshot(browser, "job-phone-charts")
-    urls += _requests_sent(browser)
-    _check_the_browser(browser, base, key, urls)
+    sent += _requests_sent(browser)
+    _check_the_browser(browser, base, key, sent)
 
 
 def test_another_tenants_job_is_not_found_and_a_bad_key_is_refused(stack: Stack, browser: Any) -> None:

@@ -165,6 +165,7 @@ export function showJob(view, jobId) {
     if (gone) return;
     stop = follow(`${path}/events`, {
       onEvent,
+      onOpen: () => { if (message.textContent.startsWith("event stream")) message.textContent = ""; },
       onError: (e) => { if (!gone) message.textContent = `event stream: ${e.message} (retrying)`; },
     });
   })();

@@ -6,10 +6,11 @@ import { authHeaders, errorFrom, url } from "./api.js";
 
 /**
  * Follow ``path``'s event stream. ``onEvent({type, id, data})`` gets every message (data parsed as JSON).
- * Returns a function that stops following. ``onError(error)`` hears a failed connection; a dropped or
- * failed connection is retried after ``retryMs`` (the server's ``retry:`` field wins), from the last id.
+ * Returns a function that stops following. ``onOpen()`` hears each (re)connection, ``onError(error)`` a
+ * failed one. A dropped or failed connection is tried again after ``retryMs`` (the server's ``retry:``
+ * field wins) with ``Last-Event-ID``: the server goes on after the last event this page saw.
  */
-export function follow(path, { onEvent, onError, onEnd, retryMs = 2000 }) {
+export function follow(path, { onEvent, onOpen, onError, onEnd, retryMs = 2000 }) {
   const controller = new AbortController();
   let lastId = null;
   let ended = false;
@@ -20,6 +21,7 @@ export function follow(path, { onEvent, onError, onEnd, retryMs = 2000 }) {
     if (lastId !== null) headers["Last-Event-ID"] = lastId;
     const response = await fetch(url(path), { headers, signal: controller.signal, cache: "no-store" });
     if (!response.ok) throw await errorFrom(response);
+    if (onOpen) onOpen();
     const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
     let buffer = "";
     for (;;) {
