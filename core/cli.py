@@ -133,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--device", default="auto", help="auto, cpu or cuda")
     d.add_argument("--no-amp", dest="amp", action="store_const", const=False, default=None,
                    help="train in fp32 (default: bf16 autocast where the hardware supports it)")
+    d.add_argument("--teacher-precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="the teacher's forward: auto = bf16 where native and amp is on, else fp32 "
+                        "(--no-amp runs the teacher in fp32 too)")
+    d.add_argument("--recipe", choices=("auto", "reference"), default="auto",
+                   help="reference: the methods' published settings; auto (default): the same, adjusted for "
+                        "short runs (python -m core methods lists the rules); explicit settings win")
     d.add_argument("--no-channels-last", dest="channels_last", action="store_const", const=False,
                    default=None, help="keep the contiguous memory format (default: channels_last with amp)")
     d.add_argument("--attacks", type=parse_list, metavar="A,B,...",
@@ -278,7 +284,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
         amp=args.amp, channels_last=args.channels_last, attacks=args.attacks, n_eval=args.n_eval,
         eval_batch_size=args.eval_batch_size, evaluate_teacher=args.evaluate_teacher, lr=args.lr,
         warmup_epochs=args.warmup_epochs, collapse_patience=args.collapse_patience,
-        allow_degenerate=args.allow_degenerate, teacher_claimed_accuracy=args.teacher_claimed_accuracy)
+        allow_degenerate=args.allow_degenerate, teacher_claimed_accuracy=args.teacher_claimed_accuracy,
+        teacher_precision=args.teacher_precision, recipe=args.recipe)
     if students:
         cfg.students = [{**s, "method_params": _params_for(s["method"], args.method_param)} for s in students]
     else:
@@ -406,17 +413,28 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    from core.methods import list_methods
+    from core.methods import METHODS, list_methods
+    from core.recipes import describe_recipes
 
     methods = list_methods()
+    recipes = {r["method"]: r for r in describe_recipes(METHODS)}
     if args.json:
-        print(json.dumps(methods, indent=2))
+        print(json.dumps([{**m, "recipes": recipes[m["name"]]} for m in methods], indent=2))
         return 0
     for m in methods:
         teacher = "teacher" if m["needs_teacher"] else "no teacher"
         print(f"{m['name']:<8} ({teacher})  {m['summary']}")
         defaults = "  ".join(f"{k}={_short(v)}" for k, v in m["defaults"].items())
-        print(f"         {defaults}")
+        print(f"         reference: {defaults}")
+        rec = recipes[m["name"]]
+        if rec["auto_rules"]:
+            for rule in rec["auto_rules"]:
+                print(f"         auto: {rule['key']}={_short(rule['value'])} when {rule['when']}")
+            picks = "  ".join(f"{e} epochs: " + ", ".join(f"{k}={_short(v)}" for k, v in p.items())
+                              for e, p in rec["auto_at_epochs"].items())
+            print(f"         auto picks  {picks}")
+        else:
+            print("         auto: the reference's values at every budget")
     return 0
 
 

@@ -14,9 +14,11 @@ from typing import Any
 from core.attacks import ATTACKS
 from core.errors import ConfigError
 from core.methods import METHODS, Method, create_method
-from core.methods.base import MAX_EPOCHS
+from core.methods.base import MAX_EPOCHS, MAX_LR
 from core.models import list_models
+from core.recipes import RECIPES, Budget, budget_for, check_recipe, recipe_overrides
 from core.teachers import FORMATS, parse_normalize
+from core.train import TEACHER_PRECISIONS
 
 DEFAULT_EPS = 8 / 255
 DEFAULT_ATTACKS = ("clean", "fgsm", "pgd_sat", "pgd_trades", "cw_inf", "aa")
@@ -24,7 +26,6 @@ DEFAULT_ATTACKS = ("clean", "fgsm", "pgd_sat", "pgd_trades", "cw_inf", "aa")
 DISTILL_ATTACKS = tuple(name for name in ATTACKS if name != "transfer")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
 
-MAX_LR = 10.0
 MAX_STUDENTS = 16
 MAX_SEED = 2**31 - 1
 # Integer settings: (lowest, highest). Those in OPTIONAL may also be None.
@@ -68,14 +69,21 @@ class DistillConfig:
     deterministic: bool = False
     device: str = "auto"
     amp: bool | None = None
+    # The teacher's forward: auto = bf16 where bf16 is native and amp is on, else fp32 (so amp=False is
+    # the reference's arithmetic for the teacher too); fp32 or bf16 force it.
+    teacher_precision: str = "auto"
     channels_last: bool | None = None
     attacks: list[str] = field(default_factory=lambda: list(DEFAULT_ATTACKS))
     n_eval: int | None = None
     eval_batch_size: int = 256
     evaluate_teacher: bool = False
     # Learning rate: None follows the batch size, 0.1 x batch_size / 128 (the linear rule, Goyal et al.
-    # 2017; the methods' reference lr 0.1 is for batch 128). Set it to use exactly that value.
+    # 2017; the methods' reference lr 0.1 is for batch 128). Set it to use exactly that value. A method's
+    # own lr parameter (method_params lr) wins over this one.
     lr: float | None = None
+    # Which settings the method trains with for this budget (core/recipes.py): 'reference' = the
+    # method's published code; 'auto' = the same, adjusted where a short run needs it. Explicit settings win.
+    recipe: str = "auto"
     # Linear warm-up of the lr over this many epochs (per step). None: off, except when the linear rule
     # raises the lr above the reference (batch > 128): then min(5, epochs // 10) epochs.
     warmup_epochs: int | None = None
@@ -90,7 +98,8 @@ class DistillConfig:
     job_id: str | None = None  # the service's job id, written into the exported students' metadata
     # Formats the best and last students are exported to (core/export.FORMATS); [] exports none.
     exports: list[str] = field(default_factory=lambda: list(_export_formats()))
-    # Several students in one pass (core/multi.py): each {"student", "method", "method_params"?, "name"?};
+    # Several students in one pass (core/multi.py): each {"student", "method", "method_params"?, "name"?,
+    # "recipe"?};
     # when given, it replaces student / method / method_params above. Every other setting is shared.
     students: list[dict[str, Any]] | None = None
 
@@ -110,16 +119,26 @@ class DistillConfig:
         return DEFAULT_EPS if self.eps is None else float(self.eps)
 
     def method_overrides(self, num_classes: int | None = None) -> dict[str, Any]:
-        """method_params plus what the job-level settings imply for the method."""
+        """method_params plus what the job-level settings and the recipe imply for the method (explicit
+        method_params win over both)."""
         params = dict(self.method_params)
-        defaults = METHODS[self.method].defaults
+        cls = METHODS[self.method]
+        defaults = cls.defaults
         if self.epochs is not None:
             params["epochs"] = self.epochs
         if self.eps is not None and "eps" in defaults:
             params["eps"] = float(self.eps)
-        if self.method == "rslad" and num_classes == 100:
-            params.setdefault("kl_scale", 10.0)  # the reference scales each KL by 10 on CIFAR-100
+        for key, (value, _why) in recipe_overrides(check_recipe(self.recipe), cls, self.budget(),
+                                                   set(self.method_params)).items():
+            params[key] = value
+        if (num_classes == 100 and "kl_scale" in defaults
+                and params.get("kl_reduction", defaults.get("kl_reduction")) == "reference"):
+            params.setdefault("kl_scale", 10.0)  # the reference scales its B x C mean KL by 10 on CIFAR-100
         return params
+
+    def budget(self) -> Budget:
+        """This job's budget for its method: epochs (None: the method's), batch size and eps."""
+        return budget_for(METHODS[self.method], self.epochs, self.batch_size, self.eps)
 
     def build_method(self, num_classes: int | None = None) -> Method:
         return create_method(self.method, **self.method_overrides(num_classes))
@@ -136,23 +155,31 @@ class DistillConfig:
             if not isinstance(spec, dict) or not spec.get("student") or not spec.get("method"):
                 raise ConfigError(f"students[{i}] must be an object with 'student' and 'method', "
                                   f"got {spec!r}")
-            extra = sorted(set(spec) - {"student", "method", "method_params", "name"})
+            extra = sorted(set(spec) - {"student", "method", "method_params", "name", "recipe"})
             if extra:
                 raise ConfigError(f"students[{i}]: unknown key(s) {', '.join(extra)}; "
-                                  "allowed: student, method, method_params, name")
+                                  "allowed: student, method, method_params, name, recipe")
+            recipe = spec.get("recipe") or self.recipe
+            if recipe not in RECIPES:
+                raise ConfigError(f"students[{i}]: recipe must be one of {', '.join(RECIPES)}, "
+                                  f"got {recipe!r}")
             name = str(spec.get("name") or f"{spec['student']}-{spec['method']}")
             if not _NAME.fullmatch(name):
                 raise ConfigError(f"students[{i}]: name {name!r} must be letters, digits, '_', '-' or '.' "
                                   "(at most 64), starting with a letter or digit")
             if name in out:
                 raise ConfigError(f"two students are named {name!r}: give them distinct 'name's")
-            out[name] = replace(self, student=spec["student"], method=spec["method"],
+            out[name] = replace(self, student=spec["student"], method=spec["method"], recipe=recipe,
                                 method_params=dict(spec.get("method_params") or {}), students=None)
         return out
 
     def validate(self) -> Method:
         """Raise ConfigError for anything that would fail later; return the method it describes (the
         first student's, for several)."""
+        check_recipe(self.recipe)
+        if self.teacher_precision not in TEACHER_PRECISIONS:
+            raise ConfigError(f"teacher_precision must be one of {', '.join(TEACHER_PRECISIONS)}, got "
+                              f"{self.teacher_precision!r}")
         if self.students is not None:
             if not self.students:
                 raise ConfigError("students is empty: list at least one {student, method}")

@@ -32,6 +32,19 @@ def resolve_warmup(warmup_epochs: int | None, lr: float | None, batch_size: int,
     return 0
 
 
+LR_SCHEDULES = ("step", "reference")
+
+
+def decay_milestones(milestones: tuple[int, ...] | list[int], schedule: str) -> list[int]:
+    """The milestones at which the lr is divided by 10. 'step': every one (lr 0.1, 0.01, 0.001, ...).
+    'reference' (ARD, IAD): their code calls adjust_learning_rate(optimizer, epoch, base_lr), which sets
+    base_lr * 0.1 at each milestone, so only the first one lowers the lr (0.1, then 0.01 for good)."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"unknown lr schedule {schedule!r}; known: {', '.join(LR_SCHEDULES)}")
+    milestones = [int(m) for m in milestones]
+    return milestones[:1] if schedule == "reference" else milestones
+
+
 def warmup_factor(epoch: int, step: int, steps_per_epoch: int, warmup_epochs: int) -> float:
     """Linear warm-up: step s (1-based, counted over the run) of the first ``warmup_epochs`` epochs uses
     s / (warmup_epochs x steps_per_epoch) of the scheduled lr; 1 after them. A pure function of (epoch,

@@ -36,6 +36,7 @@ from core.evaluate import evaluate_model
 from core.exported import check_attacks_for_format
 from core.files import finite, sha256_file, write_json
 from core.models import create_model
+from core.recipes import recipe_record
 from core.student_outputs import finish_outputs
 from core.teachers import load_model_file
 from core.train import EventFn, StopFn, TrainConfig, Trainer
@@ -251,7 +252,8 @@ class _Inputs:
                                 batch_size=cfg.batch_size, seed=cfg.seed, deterministic=cfg.deterministic,
                                 amp=cfg.amp, channels_last=cfg.channels_last, val_eps=cfg.eval_eps,
                                 device=str(self.device), val_batch_size=cfg.eval_batch_size, lr=cfg.lr,
-                                warmup_epochs=cfg.warmup_epochs, collapse_patience=cfg.collapse_patience)
+                                warmup_epochs=cfg.warmup_epochs, collapse_patience=cfg.collapse_patience,
+                                teacher_precision=cfg.teacher_precision)
         return Trainer(train_cfg, method, student, self.teacher if method.needs_teacher else None, self.data,
                        out, on_event=on_event, should_stop=self.should_stop)
 
@@ -285,6 +287,8 @@ class _Inputs:
             "warnings": warnings,
             "config": public_config(cfg),
             "train_config": fit["config"],
+            "recipe": recipe_record(cfg.recipe, cfg.build_method(self.data.num_classes), cfg.budget(),
+                                    cfg.method_params, cfg.lr, cfg.warmup_epochs),
             "student_check": check,
             "dataset": dataset_info(self.data),
             "teacher": self.teacher_info,

@@ -30,7 +30,7 @@ from core.device import autocast, depthwise_in_fp32, memory_format, resolve_devi
 from core.errors import Cancelled, ConfigError
 from core.fold import FoldedEval
 from core.guardrails import CollapseDetector
-from core.lr_schedule import resolve_lr, resolve_warmup, warmup_factor
+from core.lr_schedule import decay_milestones, resolve_lr, resolve_warmup, warmup_factor
 from core.methods import Batch, Method
 from core.run_state import (  # noqa: F401  (plain_state_dict is imported from here too)
     Determinism,
@@ -63,23 +63,28 @@ class TrainConfig:
     ``amp=False`` is the reference's arithmetic exactly.
     depthwise_fp32: with amp, run depthwise convolutions in fp32 (``core.device.depthwise_in_fp32``);
     auto: on a CPU, where oneDNN's bf16 depthwise kernels are slower than its fp32 ones.
-    teacher_amp: the teacher's forward in bf16 (auto: wherever bf16 is native), independent of amp.
+    teacher_precision: the teacher's forward: 'bf16', 'fp32' or 'auto' = bf16 where bf16 is native and amp
+    is on, else fp32 (so ``amp=False`` runs the teacher in fp32 too: the reference's arithmetic exactly).
+    teacher_amp: the older spelling (True = bf16, False = fp32), used when teacher_precision is 'auto'.
+    lr, momentum, weight_decay: None takes the method's parameter; the method's lr, when set, wins over
+    this lr (``resolve_optimizer``).
     """
 
     epochs: int | None = None            # None: the method's epochs
     milestones: tuple[int, ...] | None = None   # None: the method's, scaled to ``epochs``
     batch_size: int = 128
-    lr: float | None = None              # None: 0.1 x batch_size / 128 (``resolve_lr``)
+    lr: float | None = None              # None: the method's lr, else 0.1 x batch_size / 128 (``resolve_lr``)
     warmup_epochs: int | None = None     # linear warm-up per step; None: ``resolve_warmup``
-    momentum: float = 0.9
-    weight_decay: float = 2e-4
+    momentum: float | None = None        # None: the method's (0.9)
+    weight_decay: float | None = None    # None: the method's (2e-4)
     seed: int = 0
     deterministic: bool = False
     amp: bool | None = None
     channels_last: bool | None = None
     depthwise_fp32: bool | None = None   # None: on a CPU with amp
     fold_bn: bool | None = None          # None: with amp
-    teacher_amp: bool | None = None      # the teacher's forward in bf16: None = where bf16 is native
+    teacher_precision: str = "auto"      # auto | fp32 | bf16
+    teacher_amp: bool | None = None      # older spelling: True = bf16, False = fp32 (when precision is auto)
     val_eps: float | None = None         # None: the method's eps
     val_attack_steps: int = 20           # validation PGD: step 2/255, uniform start (PGD_SAT)
     val_every: int = 1
@@ -96,6 +101,37 @@ def bf16_supported(device: torch.device) -> bool:
     if device.type == "cpu":
         return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     return False
+
+
+TEACHER_PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def resolve_teacher_bf16(precision: str, teacher_amp: bool | None, amp: bool, native: bool) -> bool:
+    """Whether the teacher's forward runs in bf16: as ``precision`` says; 'auto' follows ``teacher_amp``
+    when given, else bf16 only where it is native and the student's amp is on."""
+    if precision not in TEACHER_PRECISIONS:
+        raise ConfigError(f"teacher_precision must be one of {', '.join(TEACHER_PRECISIONS)}, "
+                          f"got {precision!r}")
+    if precision != "auto":
+        return precision == "bf16"
+    if teacher_amp is not None:
+        return bool(teacher_amp)
+    return native and amp
+
+
+def resolve_optimizer(config: TrainConfig, method: Method) -> tuple[float | None, str, float, float]:
+    """(explicit lr or None, where it comes from, momentum, weight decay). Precedence for the lr: the
+    method's ``lr`` parameter, then the job-level ``config.lr``, then (None) the linear rule."""
+    params = method.params
+    if params.get("lr") is not None:
+        lr, source = float(params["lr"]), "method parameter lr"
+    elif config.lr is not None:
+        lr, source = float(config.lr), "set explicitly"
+    else:
+        lr, source = None, ""
+    momentum = params.get("momentum", 0.9) if config.momentum is None else config.momentum
+    weight_decay = params.get("weight_decay", 2e-4) if config.weight_decay is None else config.weight_decay
+    return lr, source, float(momentum), float(weight_decay)
 
 
 def _size(split: Split) -> int:
@@ -149,8 +185,9 @@ class Trainer:
 
         self.device = resolve_device(config.device)
         native = bf16_supported(self.device)
-        self.teacher_amp = native if config.teacher_amp is None else bool(config.teacher_amp)
         self.amp = native if config.amp is None else bool(config.amp)
+        self.teacher_amp = resolve_teacher_bf16(config.teacher_precision, config.teacher_amp, self.amp,
+                                                native)
         self.channels_last = self.amp if config.channels_last is None else bool(config.channels_last)
         self.memory_format = memory_format(self.channels_last)
         cpu = self.device.type == "cpu"
@@ -167,14 +204,19 @@ class Trainer:
         self.teacher = teacher.to(self.device).eval() if teacher is not None else None
         if self.teacher is not None:
             self.teacher.to(memory_format=self.teacher_memory_format)
-        self.lr, self.lr_rule = resolve_lr(config.lr, config.batch_size)
-        self.warmup_epochs = resolve_warmup(config.warmup_epochs, config.lr, config.batch_size, self.epochs)
+        explicit_lr, lr_source, self.momentum, self.weight_decay = resolve_optimizer(config, method)
+        self.lr, self.lr_rule = resolve_lr(explicit_lr, config.batch_size)
+        if lr_source:
+            self.lr_rule = lr_source
+        self.warmup_epochs = resolve_warmup(config.warmup_epochs, explicit_lr, config.batch_size, self.epochs)
         if not (math.isfinite(self.lr) and self.lr > 0) or self.warmup_epochs < 0:
             raise ConfigError(f"lr must be > 0 and warmup_epochs >= 0, got {self.lr!r}, "
                               f"{self.warmup_epochs!r}")
-        self.optimizer = torch.optim.SGD(self.student.parameters(), lr=self.lr, momentum=config.momentum,
-                                         weight_decay=config.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, list(self.milestones), 0.1)
+        self.optimizer = torch.optim.SGD(self.student.parameters(), lr=self.lr, momentum=self.momentum,
+                                         weight_decay=self.weight_decay)
+        self.lr_schedule = str(method.params.get("lr_schedule", "step"))
+        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
+            self.optimizer, decay_milestones(self.milestones, self.lr_schedule), 0.1)
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] = {"epoch": None, "metric": self.select_on, "value": -math.inf}
         self.start_epoch = 0
@@ -190,7 +232,9 @@ class Trainer:
     def resolved(self) -> dict[str, Any]:
         """The config with every auto value filled in: what this run actually does (stored and reported)."""
         cfg = asdict(self.config)
-        cfg.update(lr=self.lr, lr_rule=self.lr_rule, warmup_epochs=self.warmup_epochs)
+        cfg.update(lr=self.lr, lr_rule=self.lr_rule, warmup_epochs=self.warmup_epochs, momentum=self.momentum,
+                   weight_decay=self.weight_decay, lr_schedule=self.lr_schedule,
+                   teacher_precision="bf16" if self.teacher_amp else "fp32")
         cfg.update(epochs=self.epochs, milestones=list(self.milestones), val_eps=self.val_eps, amp=self.amp,
                    teacher_amp=self.teacher_amp, channels_last=self.channels_last, device=str(self.device),
                    depthwise_fp32=self.depthwise_fp32, fold_bn=self.fold_bn,

@@ -99,7 +99,8 @@ def job_body(args: argparse.Namespace, teacher_id: str | None) -> dict[str, Any]
         # Guardrail settings the server defaults when they are not sent.
         **{
             key: getattr(args, key)
-            for key in ("lr", "warmup_epochs", "collapse_patience", "teacher_claimed_accuracy")
+            for key in ("lr", "warmup_epochs", "collapse_patience", "teacher_claimed_accuracy", "recipe",
+                        "teacher_precision")
             if getattr(args, key) is not None
         },
     }
@@ -131,6 +132,8 @@ def _add_job_options(p: argparse.ArgumentParser, *, teacher: bool) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--lr", type=float, help="learning rate (default 0.1 x batch-size/128)")
     p.add_argument("--warmup-epochs", type=int, help="linear lr warm-up epochs")
+    p.add_argument("--recipe", choices=("auto", "reference"), help="settings for the budget (default auto)")
+    p.add_argument("--teacher-precision", choices=("auto", "fp32", "bf16"), help="the teacher's forward")
     p.add_argument("--collapse-patience", type=int, help="epochs at chance before a warning (default 3)")
     p.add_argument(
         "--allow-degenerate", action="store_true", help="keep a student at chance level (flagged), not fail"

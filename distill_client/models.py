@@ -99,6 +99,9 @@ class StudentSpec(BaseModel):
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
         description="Prefix of this student's artifacts (default ARCH-METHOD)",
     )
+    recipe: Literal["auto", "reference"] | None = Field(
+        default=None, description="This student's recipe (default: the job's)"
+    )
 
 
 class JobCreate(BaseModel):
@@ -129,6 +132,14 @@ class JobCreate(BaseModel):
         le=1000,
         description="Linear lr warm-up epochs; default off (min(5, epochs/10) when the linear rule raises "
         "the lr)",
+    )
+    recipe: Literal["auto", "reference"] = Field(
+        default="auto",
+        description="reference: the methods' published settings; auto: the same, adjusted for short runs "
+        "(e.g. RSLAD's KL averaged over the batch below 100 epochs); explicit settings win",
+    )
+    teacher_precision: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto", description="The teacher's forward: auto = bf16 where native (with amp), else fp32"
     )
     collapse_patience: int = Field(
         default=3, ge=0, le=1000, description="Epochs at chance with a flat loss before a warning; 0: off"

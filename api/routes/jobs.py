@@ -164,6 +164,8 @@ def resolve_params(
         students=specs,
         lr=body.lr,
         warmup_epochs=body.warmup_epochs,
+        recipe=body.recipe,
+        teacher_precision=body.teacher_precision,
         collapse_patience=body.collapse_patience,
         allow_degenerate=body.allow_degenerate,
         teacher_claimed_accuracy=body.teacher_claimed_accuracy,

@@ -21,12 +21,17 @@ class ARD(Method):
     - the student stays in train mode during the attack (its batch-norm statistics see the PGD
       iterates), unlike every other method here;
     - the KL is nn.KLDivLoss's default element-wise mean, i.e. divided by B * C (batch x classes),
-      not the batch mean; with t = 30 the t^2 = 900 factor compensates;
+      not the batch mean; with t = 30 the t^2 = 900 factor compensates (kl_reduction='reference';
+      'batchmean' divides by B only, Hinton's scale, which the 'auto' recipe picks for short runs);
     - S(x) is computed even when alpha = 1 (its CE weight is then 0), because that train-mode forward
       also updates batch-norm running statistics in the reference.
     The reference's uniform start is not clipped to [0, 1] before the first step; the shared pgd clips
     it (a difference only at the image borders, for the first gradient).
-    Defaults t = 30, alpha = 1; 200 epochs, learning rate / 10 at 100 and 150 (SGD lr 0.1).
+    - the learning rate: the reference's adjust_learning_rate(optimizer, epoch, lr) is called with the
+      base lr every epoch and sets lr * 0.1 at each milestone, so the lr is 0.1 until epoch 100 and 0.01
+      from then on, never 0.001 (lr_schedule='reference'; 'step' divides by 10 at every milestone).
+    Defaults t = 30, alpha = 1; 200 epochs, milestones 100 and 150 (SGD lr 0.1, momentum 0.9, weight decay
+    2e-4, batch 128; the reference's CIFAR-100 runs use batch 256: pass --batch-size 256 to match them).
     """
 
     name = "ard"
@@ -34,10 +39,12 @@ class ARD(Method):
     attack_mode = "train"
     defaults: ClassVar[dict[str, Any]] = {
         "eps": 8 / 255, "step_size": 2 / 255, "steps": 10, "init": "uniform",
-        "temperature": 30.0, "alpha": 1.0,
-        "epochs": 200, "milestones": (100, 150),
+        "temperature": 30.0, "alpha": 1.0, "kl_reduction": "reference",
+        "epochs": 200, "milestones": (100, 150), "lr_schedule": "reference",
     }
-    choices: ClassVar[dict[str, tuple[Any, ...]]] = {"init": INITS}
+    choices: ClassVar[dict[str, tuple[Any, ...]]] = {
+        "init": INITS, "kl_reduction": ("reference", "batchmean"), "lr_schedule": ("reference", "step"),
+    }
 
     def attack(self, student: nn.Module, batch: Batch, *, epoch: int) -> torch.Tensor:
         return self.ascend(student, batch, self.ce_sum(batch.y))
@@ -49,6 +56,7 @@ class ARD(Method):
         logits_adv = self.logits(student, batch, x_adv)
         logits_nat = self.logits(student, batch, batch.x)
         kl_elements = F.kl_div(F.log_softmax(logits_adv / t, dim=1), p_teacher, reduction="none")
-        kl = kl_elements.sum() / kl_elements.numel()
+        denominator = kl_elements.numel() if self.params["kl_reduction"] == "reference" else len(batch.y)
+        kl = kl_elements.sum() / denominator
         ce = F.cross_entropy(logits_nat, batch.y)
         return alpha * t * t * kl + (1.0 - alpha) * ce, {"kl_adv": kl, "ce_nat": ce}

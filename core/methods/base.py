@@ -33,6 +33,14 @@ MAX_EPOCHS = 1000
 MAX_STEPS = 1000          # PGD steps of the inner maximisation
 MAX_MILESTONES = 100
 MAX_WEIGHT = 1000.0       # loss weights and scales (beta, kl_scale, ...) and temperatures
+MAX_LR = 10.0
+# The optimiser every method trains with, as method parameters so that a reference that differs can be
+# reproduced (MART's ResNet-18 script: lr=0.01, weight_decay=3.5e-3). lr None: the job-level lr, else the
+# linear rule 0.1 x batch/128 (core.lr_schedule); an lr set here wins over the job-level one.
+OPTIMIZER_DEFAULTS: dict[str, Any] = {"lr": None, "momentum": 0.9, "weight_decay": 2e-4}
+# A job eps within this relative distance of a method's reference eps keeps the reference step (TRADES
+# writes 8/255 as 0.031); further away, the step scales with eps by the reference's step / eps ratio.
+STEP_EPS_TOLERANCE = 0.02
 _FLOAT_RANGES: dict[str, tuple[float, float]] = {
     "eps": (0.0, 1.0),
     "step_size": (0.0, 1.0),
@@ -43,9 +51,13 @@ _FLOAT_RANGES: dict[str, tuple[float, float]] = {
     "nat_weight": (0.0, MAX_WEIGHT),
     "kl_scale": (0.0, MAX_WEIGHT),
     "temperature": (0.0, MAX_WEIGHT),
+    # the optimiser (OPTIMIZER_DEFAULTS): lr in (0, MAX_LR] or None
+    "lr": (0.0, MAX_LR),
+    "momentum": (0.0, 0.999),
+    "weight_decay": (0.0, 0.1),
 }
 _DEFAULT_FLOAT_RANGE = (-MAX_WEIGHT, MAX_WEIGHT)  # a number without a rule of its own
-_POSITIVE = {"temperature"}
+_POSITIVE = {"temperature", "lr"}
 _INT_RANGES = {"steps": (0, MAX_STEPS), "epochs": (1, MAX_EPOCHS), "warmup_epochs": (0, MAX_EPOCHS)}
 
 
@@ -113,6 +125,12 @@ class Method:
     attack_mode: ClassVar[str] = "eval"  # the student's mode during the inner maximisation
     epoch_keys: ClassVar[tuple[str, ...]] = ()  # epoch counts that scale with ``epochs`` like milestones
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Every method gets the optimiser parameters (``OPTIMIZER_DEFAULTS``) unless it sets its own."""
+        super().__init_subclass__(**kwargs)
+        missing = {k: v for k, v in OPTIMIZER_DEFAULTS.items() if k not in cls.defaults}
+        cls.defaults = {**cls.defaults, **missing}
+
     def __init__(self, **overrides: Any) -> None:
         unknown = sorted(set(overrides) - set(self.defaults))
         if unknown:
@@ -123,6 +141,8 @@ class Method:
             params[key] = self._check_value(key, value)
         self.overrides = frozenset(overrides)
         self.params = params
+        if "eps" in overrides and "step_size" not in overrides and "step_size" in self.defaults:
+            params["step_size"] = self.scaled_step(params["eps"])
         if "epochs" in overrides:
             params["milestones"] = self.scaled_milestones(params["epochs"])
             for key in self.epoch_keys:
@@ -186,6 +206,15 @@ class Method:
         underflowing in bf16; PGD uses only the gradient's sign, so the scale changes nothing else."""
         return lambda logits, _x: F.cross_entropy(full_precision(logits), y, reduction="sum")
 
+    def scaled_step(self, eps: float) -> float:
+        """The inner attack's step for budget ``eps``: the reference step scaled by eps / reference eps
+        (SAT/ARD/IAD/RSLAD 2/255 per 8/255, TRADES 0.007 per 0.031, MART 0.007 per 8/255); within
+        ``STEP_EPS_TOLERANCE`` of the reference eps, the reference step itself (bit-identical at 8/255)."""
+        ref_eps, ref_step = float(self.defaults["eps"]), float(self.defaults["step_size"])
+        if abs(eps / ref_eps - 1.0) <= STEP_EPS_TOLERANCE:
+            return ref_step
+        return ref_step * (eps / ref_eps)
+
     # ----- epochs and learning-rate milestones ------------------------------------------------------
 
     def scaled_milestones(self, epochs: int) -> tuple[int, ...]:
@@ -233,6 +262,8 @@ class Method:
 
     def _check_value(self, key: str, value: Any) -> Any:
         name = self.name
+        if value is None and self.defaults.get(key, 0) is None and key not in self.choices:
+            return None  # an optional number (lr): None means "not set here"
         if key in self.choices:
             allowed = self.choices[key]
             if value not in allowed:

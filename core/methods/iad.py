@@ -26,7 +26,10 @@ class IAD(Method):
     one alpha weights both KL terms. S(x) is not detached inside the second KL (reference). Epochs are
     0-based: with warmup_epochs = 60 the extra term starts on the 61st epoch, as in ``epoch >= 60``.
     When ``epochs`` is overridden and ``warmup_epochs`` is not, the warm-up scales with it like the
-    milestones (60 of 200 -> 6 of 20). Defaults t = 1, alpha = 1, beta = 0.1; 200 epochs, / 10 at 100, 150.
+    milestones (60 of 200 -> 6 of 20). Defaults t = 1, alpha = 1, beta = 0.1; 200 epochs, milestones 100
+    and 150 with the reference's schedule: its adjust_learning_rate(optimizer, epoch, lr) multiplies the
+    base lr by 0.1 at each milestone, so the lr is 0.1, then 0.01 from epoch 100 on, never 0.001
+    (lr_schedule='reference'; 'step' divides by 10 at every milestone).
     """
 
     name = "iad"
@@ -36,9 +39,9 @@ class IAD(Method):
     defaults: ClassVar[dict[str, Any]] = {
         "eps": 8 / 255, "step_size": 2 / 255, "steps": 10, "init": "uniform",
         "temperature": 1.0, "alpha": 1.0, "beta": 0.1, "warmup_epochs": 60,
-        "epochs": 200, "milestones": (100, 150),
+        "epochs": 200, "milestones": (100, 150), "lr_schedule": "reference",
     }
-    choices: ClassVar[dict[str, tuple[Any, ...]]] = {"init": INITS}
+    choices: ClassVar[dict[str, tuple[Any, ...]]] = {"init": INITS, "lr_schedule": ("reference", "step")}
 
     def attack(self, student: nn.Module, batch: Batch, *, epoch: int) -> torch.Tensor:
         return self.ascend(student, batch, self.ce_sum(batch.y))

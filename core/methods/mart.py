@@ -22,7 +22,9 @@ class MART(Method):
     1.0000001 are the reference's (YisenWang/MART) and are kept so the numbers match. p_nat is not
     detached, as in the reference. Start x + 0.001 * N(0, 1) (the reference code's start); eps 8/255
     (the reference uses 0.031; this library uses 8/255 everywhere except TRADES). beta 6 is the
-    reference's WideResNet value; its ResNet-18 script uses 5: pass beta=5 to match it.
+    reference's WideResNet value; its ResNet-18 script uses beta 5 with SGD lr 0.01 and weight decay
+    3.5e-3: pass beta=5, lr=0.01, weight_decay=3.5e-3 to match it (the defaults here are the shared
+    lr 0.1 x batch/128, momentum 0.9, weight decay 2e-4). With another eps the step scales as 0.007 per 8/255.
     Epochs: 100, learning rate / 10 at 75 and 90, like SAT and TRADES.
     """
 

@@ -250,3 +250,88 @@ def test_batchnorm_folding_follows_amp_and_eval_mode_attacks(tmp_path: Path, dat
     assert trainer("b", amp=False).fold_bn is False  # fp32 is the reference's arithmetic exactly
     assert trainer("c", amp=False, fold_bn=True).resolved()["fold_bn"] is True
     assert trainer("d", method="ard", amp=True).fold_bn is False  # ARD attacks in train mode
+
+
+class _RecordingTeacher(torch.nn.Module):
+    """A tiny CNN that records the dtype of its logits inside the forward (bf16 under a bf16 autocast)."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.net = create_model("tiny_cnn", num_classes)
+        self.dtypes: list[torch.dtype] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        self.dtypes.append(out.dtype)
+        return out
+
+
+@pytest.mark.parametrize(("amp", "precision", "expected"), [
+    (False, "auto", torch.float32),   # --no-amp: the teacher in fp32 too, even where bf16 is native
+    (None, "auto", torch.bfloat16),   # amp auto (native here): the teacher in bf16
+    (False, "bf16", torch.bfloat16),  # asked for explicitly
+    (True, "fp32", torch.float32),
+])
+def test_teacher_precision_follows_amp_and_the_setting(
+    tmp_path: Path, data, monkeypatch: pytest.MonkeyPatch, amp, precision, expected
+) -> None:
+    import core.train
+
+    monkeypatch.setattr(core.train, "bf16_supported", lambda device: True)  # bf16 "native" on this CPU
+    teacher = _RecordingTeacher(data.num_classes)
+    cfg = TrainConfig(batch_size=16, device="cpu", amp=amp, teacher_precision=precision)
+    student = create_model("tiny_cnn", data.num_classes)
+    trainer = Trainer(cfg, create_method("rslad", steps=1, epochs=1), student, teacher, data, tmp_path)
+    logits = trainer.make_batch(data.train.x[:4].float() / 255, data.train.y[:4]).teacher_logits()
+    assert teacher.dtypes == [expected] and logits.dtype == torch.float32
+    assert trainer.resolved()["teacher_precision"] == ("bf16" if expected == torch.bfloat16 else "fp32")
+
+
+def _lrs(trainer: Trainer) -> list[float]:
+    """The lr of every epoch, stepping the trainer's scheduler as the loop does."""
+    out = []
+    for _ in range(trainer.epochs):
+        out.append(trainer.optimizer.param_groups[0]["lr"])
+        trainer.optimizer.step()  # no gradients: changes nothing, keeps the scheduler's order check quiet
+        trainer.scheduler.step()
+    return out
+
+
+@pytest.mark.parametrize("method", ["ard", "iad"])
+def test_ard_and_iad_follow_the_reference_lr_schedule(tmp_path: Path, data, method: str) -> None:
+    """Their code sets base_lr * 0.1 at each milestone: 0.1 -> 0.01 and it stays there (not 0.001)."""
+    teacher = create_model("tiny_cnn", data.num_classes)
+    cfg = TrainConfig(batch_size=128, device="cpu")
+    lrs = {}
+    for schedule in ("reference", "step"):
+        m = create_method(method, epochs=4, milestones=[2, 3], lr_schedule=schedule)
+        student = create_model("tiny_cnn", data.num_classes)
+        trainer = Trainer(cfg, m, student, teacher, data, tmp_path / schedule)
+        lrs[schedule] = _lrs(trainer)
+    assert lrs["reference"] == pytest.approx([0.1, 0.1, 0.01, 0.01])
+    assert lrs["step"] == pytest.approx([0.1, 0.1, 0.01, 0.001])
+    assert create_method(method).lr_schedule == "reference"  # the default
+    sat = Trainer(cfg, create_method("sat", epochs=4, milestones=[2, 3]), create_model("tiny_cnn", 4), None,
+                  data, tmp_path / "sat")
+    assert _lrs(sat) == pytest.approx([0.1, 0.1, 0.01, 0.001])
+
+
+def test_optimiser_settings_precedence(tmp_path: Path, data) -> None:
+    """lr: the method's parameter, then the job-level lr, then the linear rule; momentum and weight decay
+    from the method (MART's ResNet-18 reference: lr 0.01, weight decay 3.5e-3)."""
+    def trainer(name: str, method_lr=None, job_lr=None) -> Trainer:
+        params = {"lr": method_lr, "weight_decay": 3.5e-3} if method_lr else {}
+        m = create_method("mart", steps=1, epochs=1, **params)
+        cfg = TrainConfig(batch_size=16, device="cpu", lr=job_lr)
+        return Trainer(cfg, m, create_model("tiny_cnn", data.num_classes), None, data, tmp_path / name)
+
+    both = trainer("a", method_lr=0.01, job_lr=0.05)
+    group = both.optimizer.param_groups[0]
+    assert (group["lr"], group["momentum"], group["weight_decay"]) == (0.01, 0.9, 3.5e-3)
+    resolved = both.resolved()
+    assert (resolved["lr"], resolved["lr_rule"]) == (0.01, "method parameter lr")
+    assert resolved["weight_decay"] == 3.5e-3
+    job = trainer("b", job_lr=0.05)
+    assert job.lr == 0.05 and job.optimizer.param_groups[0]["weight_decay"] == 2e-4
+    linear = trainer("c")
+    assert linear.lr == pytest.approx(0.1 * 16 / 128) and linear.resolved()["momentum"] == 0.9
