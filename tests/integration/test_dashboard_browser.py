@@ -126,7 +126,7 @@ def _start_api_again(stack: Stack) -> None:
 
 
 @pytest.fixture
-def browser(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+def browser(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Any]:
     """Headless Chromium that can reach 127.0.0.1 only (every other host resolves to nothing)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -151,6 +151,11 @@ def browser(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     ):
         options.add_argument(arg)
     options.set_capability("goog:loggingPrefs", {"performance": "ALL", "browser": "ALL"})
+    downloads = tmp_path / "downloads"  # the test's tmp_path: the files a test downloads land here
+    downloads.mkdir()
+    options.add_experimental_option(
+        "prefs", {"download.default_directory": str(downloads), "download.prompt_for_download": False}
+    )
     driver = webdriver.Chrome(options=options, service=Service(executable_path=driver_path))
     try:
         yield driver
@@ -480,6 +485,16 @@ def test_a_job_made_in_the_form_runs_live_to_its_evaluation_table(
         lambda d: {b.get_attribute("data-artifact") for b in _all(d, "[data-artifact]")} == names,
         "the job's files",
     )
+    # A download (fetched with the key in the header, handed over as a Blob) and the model card.
+    _css(browser, "[data-artifact='report.json']").click()
+    saved = tmp_path / "downloads" / "report.json"
+    _wait(browser, lambda d: saved.is_file() and saved.stat().st_size > 0, "the downloaded report")
+    assert saved.read_bytes() == stack.client.http.get(f"/v1/jobs/{job_id}/artifacts/report.json").content
+    _css(browser, "#show-model-card").click()
+    _wait(browser, lambda d: _css(d, "#model-card").get_attribute("textContent"), "the model card")
+    card = stack.client.http.get(f"/v1/jobs/{job_id}/artifacts/model_card.md").text
+    assert _css(browser, "#model-card").get_attribute("textContent") == card
+    browser.execute_script("window.scrollTo(0, 0)")
     page = _screenshot(browser, "job")
     if os.environ.get("RD_UPDATE_SCREENSHOTS") == "1":
         README_IMAGE.parent.mkdir(parents=True, exist_ok=True)
@@ -508,22 +523,12 @@ def test_a_job_made_in_the_form_runs_live_to_its_evaluation_table(
     _check_the_browser(browser, base, key, sent)
 
 
-def test_another_tenants_job_is_not_found_and_a_bad_key_is_refused(stack: Stack, browser: Any) -> None:
+def test_another_tenants_job_is_not_found_and_the_owner_cancels_it(stack: Stack, browser: Any) -> None:
     base, key = _base(stack), _key(stack)
-    owner = stack.client.http
-    job = owner.post(
-        "/v1/jobs",
-        json={
-            "dataset": "cifar10-partial",
-            "method": "natural",
-            "student": "tiny_cnn",
-            "epochs": 1,
-            "device": "cpu",
-        },
-    )
+    long_job = {"dataset": "cifar10-partial", "method": "natural", "student": "tiny_cnn", "epochs": 50}
+    job = stack.client.http.post("/v1/jobs", json={**long_job, "device": "cpu"})
     assert job.status_code == 201, job.text
     job_id = job.json()["id"]
-    assert owner.post(f"/v1/jobs/{job_id}/cancel").status_code == 200  # only its id is needed here
 
     browser.get(f"{base}/ui/")
     _wait(browser, lambda d: _all(d, "#api-key"), "the sign-in form")
@@ -540,11 +545,18 @@ def test_another_tenants_job_is_not_found_and_a_bad_key_is_refused(stack: Stack,
     assert "Job not found" in _text(browser, "#not-found")
     assert f"job '{job_id}' not found" in _text(browser, "#not-found")
 
-    # The owner sees it (cancelled) with the same page.
+    # The owner sees it on the same page, and cancels it there.
     _sign_in(browser, base, key)
     browser.get(f"{base}/ui/#/jobs/{job_id}")
-    _wait(browser, lambda d: _all(d, "#job-status [data-status=cancelled]"), "the owner's job page")
-    _check_the_browser(browser, base, other, _requests_sent(browser))
+    _wait(browser, lambda d: _all(d, "#cancel-job") and _css(d, "#cancel-job").is_displayed(), "Cancel")
+    _css(browser, "#cancel-job").click()
+    _wait(browser, lambda d: _all(d, "#job-status [data-status=cancelled]"), "the job cancelled", JOB_S)
+    assert stack.client.jobs.get(job_id).status == "cancelled"
+    assert not _css(browser, "#cancel-job").is_displayed()
+    sent = _requests_sent(browser)
+    assert [u for u, h in sent if u.endswith(f"/v1/jobs/{job_id}/cancel")], "no cancel request"
+    for each in (key, other):
+        _check_the_browser(browser, base, each, sent)
 
 
 def test_the_pages_need_no_key_and_carry_a_strict_policy(stack: Stack) -> None:
