@@ -308,6 +308,7 @@ class Trainer:
         self._epoch_lr = self.optimizer.param_groups[0]["lr"]  # the schedule's lr; warm-up scales it per step
         self._sums: dict[str, float] = {}
         self._seen = 0
+        self._epoch = epoch
         self.student.train()
 
     def train_step(self, batch: Batch, epoch: int, step: int) -> None:
@@ -340,7 +341,14 @@ class Trainer:
         return warmup_factor(epoch, step, self.steps_per_epoch(), self.warmup_epochs)
 
     def end_epoch(self) -> dict[str, Any]:
-        return {**{k: v / max(self._seen, 1) for k, v in self._sums.items()}, "images": self._seen}
+        """The epoch's mean logged terms; the method's per-epoch update (ABSLD) runs here, before the
+        checkpoint, and its new state is recorded in the history."""
+        self.method.end_epoch(self._epoch)
+        out = {**{k: v / max(self._seen, 1) for k, v in self._sums.items()}, "images": self._seen}
+        method_state = self.method.state_dict()
+        if method_state:
+            out["method_state"] = method_state
+        return out
 
     def finish_epoch(self, epoch: int, lr: float, train: dict[str, Any], train_seconds: float,
                      t0: float) -> None:
@@ -442,6 +450,7 @@ class Trainer:
             "best": dict(self.best),
             "history": self.history,
             "config": self.resolved(),
+            "method": self.method.state_dict(),
         }
 
     def _resume(self) -> bool:
@@ -469,6 +478,7 @@ class Trainer:
         self.scheduler.load_state_dict(ckpt["scheduler"])
         _set_rng_state(ckpt["rng"])
         self.best = dict(ckpt["best"])
+        self.method.load_state_dict(ckpt.get("method", {}))
         self.history = list(ckpt["history"])
         self.start_epoch = int(ckpt["epoch"])
         for end in range(1, len(self.history) + 1):  # the warnings of the epochs already done, not re-emitted

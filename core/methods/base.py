@@ -55,10 +55,19 @@ _FLOAT_RANGES: dict[str, tuple[float, float]] = {
     "lr": (0.0, MAX_LR),
     "momentum": (0.0, 0.999),
     "weight_decay": (0.0, 0.1),
+    # IGDM add-on (core.methods.igdm): its weight, and the scales of x_adv - x in x +- scale * delta
+    "igdm_weight": (0.0, MAX_WEIGHT),
+    "igdm_beta": (0.0, 10.0),
+    "igdm_gamma": (0.0, 10.0),
+    # ABSLD's per-class temperatures: their bounds and their per-epoch step
+    "temp_min": (0.0, MAX_WEIGHT),
+    "temp_max": (0.0, MAX_WEIGHT),
+    "temp_rate": (0.0, MAX_WEIGHT),
 }
 _DEFAULT_FLOAT_RANGE = (-MAX_WEIGHT, MAX_WEIGHT)  # a number without a rule of its own
-_POSITIVE = {"temperature", "lr"}
-_INT_RANGES = {"steps": (0, MAX_STEPS), "epochs": (1, MAX_EPOCHS), "warmup_epochs": (0, MAX_EPOCHS)}
+_POSITIVE = {"temperature", "temp_min", "lr"}
+_INT_RANGES = {"steps": (0, MAX_STEPS), "epochs": (1, MAX_EPOCHS), "warmup_epochs": (0, MAX_EPOCHS),
+               "igdm_ramp_epochs": (1, MAX_EPOCHS)}
 
 
 def full_precision(t: torch.Tensor) -> torch.Tensor:
@@ -106,6 +115,27 @@ class Batch:
             with torch.no_grad(), (self.teacher_autocast or self.autocast)():
                 logits = teacher(x.contiguous(memory_format=self.teacher_memory_format))
         finally:
+            teacher.train(was_training)
+        return full_precision(logits)
+
+    def teacher_logits_grad(self, x: torch.Tensor) -> torch.Tensor:
+        """T(x) in fp32 with the graph through ``x`` kept (AdaAD's inner maximisation differentiates the
+        teacher too). Eval mode, the mode put back after; the teacher's weights stay out of the graph,
+        so they never get a ``.grad``."""
+        if self.teacher is None:
+            raise ConfigError("this method needs a teacher model, but none was given")
+        teacher = self.teacher
+        was_training = teacher.training
+        frozen = [p for p in teacher.parameters() if p.requires_grad]
+        teacher.eval()
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            with (self.teacher_autocast or self.autocast)():
+                logits = teacher(x.contiguous(memory_format=self.teacher_memory_format))
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
             teacher.train(was_training)
         return full_precision(logits)
 
@@ -176,6 +206,18 @@ class Method:
         logs = {"loss": float(loss.detach())}
         logs.update({k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in terms.items()})
         return loss, logs
+
+    # ----- state across epochs (ABSLD's per-class temperatures); no-ops for stateless methods -----------
+
+    def end_epoch(self, epoch: int) -> None:
+        """Called by the trainer after the training pass of ``epoch`` (0-based), before the checkpoint."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What ``end_epoch`` changed, as plain lists and numbers: saved in the checkpoint and the history."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict()`` on resume (and drop anything accumulated since)."""
 
     def attack(self, student: nn.Module, batch: Batch, *, epoch: int) -> torch.Tensor | None:
         """The inner maximisation; None for methods that train on clean inputs only."""

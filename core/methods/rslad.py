@@ -10,6 +10,7 @@ from torch.nn import functional as F
 
 from core.errors import ConfigError
 from core.methods.base import INITS, Batch, Method, full_precision
+from core.methods.igdm import IGDM_DEFAULTS, igdm_term
 
 LOG_EPS = 1e-5  # the reference adds this inside log p_T in the outer KLs
 SOURCES = ("natural", "adversarial")
@@ -39,6 +40,8 @@ class RSLAD(Method):
     - label_source: 'teacher' (RSL), 'non_robust_teacher' (NSL: the same computation; it only records
       that the teacher given was naturally trained) or 'smooth' (SSL: (1 - smoothing) * onehot(y) +
       smoothing / C, no teacher needed; the paper gives no value, smoothing=0.1 is Szegedy et al.'s).
+
+    ``igdm_weight`` > 0 adds the IGDM term (core.methods.igdm) with its epoch ramp; it needs the teacher.
     """
 
     name = "rslad"
@@ -49,6 +52,7 @@ class RSLAD(Method):
         "kl_reduction": "reference", "kl_scale": 1.0,
         "soft_labels": "natural", "soft_labels_inner": None, "soft_labels_adv": None, "soft_labels_nat": None,
         "label_source": "teacher", "smoothing": 0.1,
+        **IGDM_DEFAULTS,
         "epochs": 300, "milestones": (215, 260, 285),
     }
     choices: ClassVar[dict[str, tuple[Any, ...]]] = {
@@ -60,10 +64,11 @@ class RSLAD(Method):
         "soft_labels_nat": (None, *SOURCES),
         "label_source": ("teacher", "non_robust_teacher", "smooth"),
     }
+    epoch_keys: ClassVar[tuple[str, ...]] = ("igdm_ramp_epochs",)
 
     def __init__(self, **overrides: Any) -> None:
         super().__init__(**overrides)
-        self.needs_teacher = self.params["label_source"] != "smooth"
+        self.needs_teacher = self.params["label_source"] != "smooth" or self.params["igdm_weight"] > 0
 
     def _check_params(self, params: dict[str, Any]) -> None:
         super()._check_params(params)
@@ -113,4 +118,9 @@ class RSLAD(Method):
         kl_adv = self.kl(self.label_for(batch, "adv", x_adv, logits_adv), logits_adv)
         kl_nat = self.kl(self.label_for(batch, "nat", x_adv, logits_nat), logits_nat)
         loss = self.params["adv_weight"] * kl_adv + self.params["nat_weight"] * kl_nat
-        return loss, {"kl_adv": kl_adv, "kl_nat": kl_nat}
+        terms = {"kl_adv": kl_adv, "kl_nat": kl_nat}
+        extra = igdm_term(self.params, student, batch, x_adv, epoch=epoch, logits=self.logits)
+        if extra is not None:
+            loss = loss + extra[0]
+            terms.update(extra[1])
+        return loss, terms

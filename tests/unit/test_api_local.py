@@ -604,6 +604,23 @@ def test_several_students_in_one_job(
     assert list(cfg.student_configs()) == ["tiny_cnn-rslad", "sat-baseline"]
 
 
+def test_later_methods_are_accepted_and_bounded(
+    client: TestClient, alice: dict[str, str], teacher: dict[str, Any]
+) -> None:
+    """AdaAD, ABSLD and RSLAD with the IGDM add-on validate like the others, their new bounds included."""
+    for method, params in (("adaad", {"igdm_weight": 20.0}), ("absld", {"temp_rate": 0.05}),
+                           ("rslad", {"igdm_weight": 1.0, "igdm_ramp_epochs": 2})):
+        r = client.post("/v1/jobs", headers=alice,
+                        json=_job_body(teacher["id"], method=method, method_params=params))
+        assert r.status_code == 201, r.text
+        assert (r.json()["method"], r.json()["params"]["method_params"]) == (method, params)
+    for method, params, words in (("adaad", {"igdm_weight": -1}, "igdm_weight"),
+                                  ("absld", {"temp_min": 2.0}, "temp_min")):
+        r = client.post("/v1/jobs", headers=alice,
+                        json=_job_body(teacher["id"], method=method, method_params=params))
+        assert r.status_code == 422 and words in r.json()["detail"], r.text
+
+
 def test_teacher_free_method_needs_no_teacher(client: TestClient, alice: dict[str, str]) -> None:
     r = client.post("/v1/jobs", headers=alice, json=_job_body(None, method="sat"))
     assert r.status_code == 201, r.text

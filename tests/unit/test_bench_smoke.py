@@ -75,3 +75,12 @@ def test_multi_student_runs(capsys):
     assert result["summary"]["one_pass"]["teacher_forwards"] == 1
     assert result["summary"]["separate"]["teacher_forwards"] == 2
     assert "ratio separate/one-pass" in capsys.readouterr().out
+
+
+def test_method_cost_runs(capsys):
+    result = bench("method_cost").main([
+        "--student", "tiny_cnn", "--teacher", "tiny_cnn", "--batch-size", "4", "--attack-steps", "1",
+        "--steps", "1", "--warmup", "0", *TINY])
+    assert [r["method"] for r in result["rows"]] == ["rslad", "adaad", "absld", "rslad+igdm", "adaad+igdm"]
+    assert result["rows"][0]["cost_vs_rslad"] == 1.0
+    assert "adaad / rslad step time" in capsys.readouterr().out

@@ -171,3 +171,27 @@ def test_students_in_different_precisions_share_one_teacher_forward(files, tmp_p
         )
         assert all(torch.equal(a[k], b[k]) for k in a), name
     assert shared_calls == steps and len(calls) == 3 * steps  # one forward per batch, then one per run
+
+
+def test_later_methods_mix_in_one_pass(files, tmp_path: Path) -> None:
+    """RSLAD, AdaAD (teacher in the attack) and ABSLD (per-epoch class temperatures) share one pass;
+    AdaAD and ABSLD each still equal their separate runs, ABSLD's temperatures included."""
+    students = [
+        {"student": "tiny_cnn", "method": "rslad", "method_params": {"steps": 1}},
+        {"student": "tiny_cnn", "method": "adaad", "method_params": {"steps": 1, "igdm_weight": 5.0}},
+        {"student": "tiny_cnn", "method": "absld", "method_params": {"steps": 1, "temp_rate": 0.5}},
+    ]
+    multi = run_distillation(config(files, students=students), tmp_path / "multi")
+    assert list(multi["students"]) == ["tiny_cnn-rslad", "tiny_cnn-adaad", "tiny_cnn-absld"]
+    for spec in students[1:]:
+        name = f"tiny_cnn-{spec['method']}"
+        alone = run_distillation(config(files, **spec), tmp_path / name)
+        a = weights(tmp_path / "multi" / name / "student_last.pt")
+        b = weights(tmp_path / name / "student_last.pt")
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+        assert ([m.get("method_state") for m in multi["students"][name]["history"]]
+                == [m.get("method_state") for m in alone["history"]])
+    history = multi["students"]["tiny_cnn-absld"]["history"]
+    temperatures = [m["method_state"]["temperature_adv"] for m in history]
+    assert len(temperatures) == 2 and temperatures[0] != [1.0] * 4
+    assert "igdm" in multi["students"]["tiny_cnn-adaad"]["history"][0]
