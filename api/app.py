@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 import core
-from api import docs, errors, model_check
+from api import docs, errors, metrics, model_check
 from api.routes import datasets, health, jobs, teachers, ui
 from api.streams import JobWatch, StreamSlots
 from api.uploads import BodySizeLimit
@@ -100,8 +100,12 @@ def create_app(
             await run_in_threadpool(_prepare_embedded, app)
         # Scratch folders and incomplete uploads of requests that died with an earlier process.
         cleaner = asyncio.create_task(periodic_cleanup(settings.upload_dir, app.state.store))
+        if app.state.metrics is not None:
+            app.state.metrics.start_server()  # RD_METRICS_PORT only
         yield
         cleaner.cancel()
+        if app.state.metrics is not None:
+            app.state.metrics.stop_server()
         app.state.checker.shutdown()
         await poller.close()
         engine.dispose()
@@ -129,6 +133,7 @@ def create_app(
     app.state.job_watch = JobWatch(poller, lambda: app.state.sse_poll_seconds)
 
     app.add_middleware(BodySizeLimit, max_upload_bytes=settings.max_upload_bytes)
+    metrics.install(app, settings)  # GET /metrics and the request counts (outermost: sees every request)
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(UserError, _user_error)  # type: ignore[arg-type]
     app.add_exception_handler(IllegalTransition, _conflict)  # type: ignore[arg-type]

@@ -22,6 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.metrics import note_upload
 from service.storage import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,7 @@ async def received_upload(
         digest, size = await run_in_threadpool(_copy_limited, upload.file, path, limit)
         if size == 0:
             raise HTTPException(422, detail="the uploaded file is empty")
+        note_upload(size)  # rd_upload_bytes_total (api/metrics.py)
         yield ReceivedFile(path=path, sha256=digest, size=size, filename=upload.filename)
     finally:
         await upload.close()

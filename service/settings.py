@@ -51,6 +51,16 @@ class Settings(BaseSettings):
     # key and in all, counted per API process: with N processes the bounds are N times these.
     max_streams_per_key: int = Field(default=8, ge=1, le=100_000)
     max_streams: int = Field(default=500, ge=1, le=100_000)
+    # Prometheus metrics (api/metrics.py, worker/metrics.py). ``metrics`` (on|off) turns the API's
+    # GET /metrics on or off; with ``metrics_port`` set it is served by a small server of its own on
+    # ``metrics_host``:``metrics_port`` instead of by the app. The job metrics are read from the
+    # database and the broker at scrape time, each bounded by ``metrics_timeout_s``. A worker serves its
+    # metrics on ``worker_metrics_port`` when set (off by default).
+    metrics: bool = True
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    metrics_host: str = "0.0.0.0"
+    metrics_timeout_s: float = Field(default=2.0, gt=0, le=60)
+    worker_metrics_port: int | None = Field(default=None, ge=1, le=65535)
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> Settings:
