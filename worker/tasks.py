@@ -43,6 +43,7 @@ from worker.lease import (
     retry_or_fail,
     touch,
 )
+from worker.metrics import JobMeter
 
 log = get_task_logger(__name__)
 
@@ -123,6 +124,7 @@ class JobRun:
         # metrics gathered from the students so far ({epoch: {name: metrics}}).
         self.students: list[str] = []
         self._epoch_metrics: dict[int, dict[str, Any]] = {}
+        self.meter = JobMeter()  # RD_WORKER_METRICS_PORT (worker/metrics.py)
 
     # ----- the attempt ---------------------------------------------------------------------------------
 
@@ -131,13 +133,14 @@ class JobRun:
             outcome = self._claim()
             if outcome is not None:
                 log.info("job %s: not run (%s)", self.job_id, outcome)
+                self.meter.not_run()
                 return outcome
             monitor = threading.Thread(
                 target=self._monitor, name=f"rd-monitor-{self.job_id[:8]}", daemon=True
             )
             monitor.start()
             try:
-                return self._run()
+                return self.meter.ran(self._run)
             finally:
                 self.stop_monitor.set()
                 monitor.join(timeout=10)
@@ -253,6 +256,7 @@ class JobRun:
             params["data_root"] = str(self.settings.data_root)
 
         cfg = DistillConfig.from_dict(params)
+        self.meter.batch_size = cfg.batch_size
         self.students = list(cfg.student_configs()) if cfg.students else []
         resumed_from = self._fetch_checkpoint()
         if self.attempt > 1:
@@ -343,6 +347,7 @@ class JobRun:
         return session_scope(self.sessions)
 
     def _on_event(self, event: dict[str, Any]) -> None:
+        self.meter.on_event(event)
         kind = event.get("type")
         if kind == "progress":
             # Training steps and evaluation batches alike (``phase``: training | evaluating): at most one
