@@ -1,0 +1,177 @@
+"""Which recipe gives the most robust student for a budget: methods x recipes x budgets x seeds.
+
+For every (budget, seed) one several-student pass of the real pipeline (``core.pipeline``) trains every
+(student, method, recipe) from the same teacher on the same batches, then evaluates each on the same first
+``--n-eval`` test images. A method that both recipes resolve to the same settings at a budget is trained
+once (recipe 'both'). Every report is kept under ``--out``/budget{E}-seed{S}/ (a pass whose report.json
+exists is not run again). The table: clean / PGD / AA accuracy with 95% Wilson intervals, and McNemar's
+exact test (``core.compare``) of each student against the best teacher-free baseline (SAT, TRADES, MART)
+of the same pass on the same images, for the last attack (AA when run).
+
+    python -m bench.recipe_study --out runs/recipes --budgets 5,15 --seeds 0,1 \\
+        --methods sat,trades,rslad,ard,iad --n-eval 500            # the study (hours on a CPU)
+    python -m bench.recipe_study --smoke --out /tmp/recipe-smoke   # 1 epoch, 64 images: checks it runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from core.compare import compare_rows
+from core.config import DistillConfig
+from core.methods import METHODS
+from core.stats import wilson_interval
+
+TEACHER = "/work/shared/weights/abcrown_sdp_cifar_cnn_a_adv.model"
+NORMALIZE = "0.4914,0.4824,0.4467;0.2471,0.2435,0.2616"
+BASELINES = ("sat", "trades", "mart")  # teacher-free robust training: what distillation must beat
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="folder for every pass's reports")
+    p.add_argument("--budgets", default="5,15", help="epochs, comma-separated")
+    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--methods", default="sat,trades,rslad,ard,iad")
+    p.add_argument("--recipes", default="auto,reference")
+    p.add_argument("--students", default="conv_small", help="student architectures, comma-separated")
+    p.add_argument("--attacks", default="clean,pgd_trades,aa")
+    p.add_argument("--n-eval", type=int, default=500, help="evaluate on the first N test images")
+    p.add_argument("--train-subset", type=int, default=4000)
+    p.add_argument("--val-size", type=int, default=500)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--eps", type=float, default=2 / 255)
+    p.add_argument("--attack-steps", type=int, default=None, help="training attack steps (default: method's)")
+    p.add_argument("--teacher", default=TEACHER)
+    p.add_argument("--teacher-arch", default="cnn_a")
+    p.add_argument("--teacher-normalize", default=NORMALIZE)
+    p.add_argument("--dataset", default="cifar10-partial")
+    p.add_argument("--data-root", default="/work/shared/data")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--smoke", action="store_true",
+                   help="1 epoch, 64 training images, 32 evaluation images, no AutoAttack, 1 attack step")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.budgets, args.train_subset, args.n_eval, args.val_size = "1", 64, 32, 16
+        args.batch_size, args.attack_steps = 32, 1
+        args.attacks = ",".join(a for a in args.attacks.split(",") if a != "aa") or "clean"
+    return args
+
+
+def _list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def student_specs(args: argparse.Namespace, epochs: int) -> list[dict[str, Any]]:
+    """Every (student, method, recipe), with methods both recipes resolve alike trained once ('both')."""
+    specs = []
+    for arch in _list(args.students):
+        for method in _list(args.methods):
+            has_steps = "steps" in METHODS[method].defaults
+            params = {"steps": args.attack_steps} if args.attack_steps and has_steps else {}
+            resolved = {}
+            for recipe in _list(args.recipes):
+                cfg = DistillConfig(method=method, method_params=params, epochs=epochs,
+                                    batch_size=args.batch_size, eps=args.eps, recipe=recipe)
+                resolved[recipe] = cfg.build_method().params
+            recipes = _list(args.recipes)
+            if len(recipes) > 1 and all(resolved[r] == resolved[recipes[0]] for r in recipes):
+                recipes = ["both"]
+            for recipe in recipes:
+                specs.append({"student": arch, "method": method, "name": f"{arch}-{method}-{recipe}",
+                              "recipe": "reference" if recipe == "both" else recipe, "method_params": params})
+    return specs
+
+
+def run_pass(args: argparse.Namespace, epochs: int, seed: int) -> dict[str, Any]:
+    """One several-student pass (or its report, when it already ran)."""
+    from core.pipeline import run_distillation
+
+    out = args.out / f"budget{epochs}-seed{seed}"
+    if (out / "report.json").is_file():
+        return json.loads((out / "report.json").read_text())
+    cfg = DistillConfig(teacher_path=args.teacher, teacher_arch=args.teacher_arch,
+                        teacher_normalize=args.teacher_normalize or None, dataset=args.dataset,
+                        data_root=args.data_root, epochs=epochs, batch_size=args.batch_size, eps=args.eps,
+                        train_subset=args.train_subset, val_size=args.val_size, seed=seed,
+                        attacks=_list(args.attacks), n_eval=args.n_eval, device=args.device, exports=[],
+                        allow_degenerate=True, students=student_specs(args, epochs))
+    print(f"pass: {epochs} epochs, seed {seed}, {len(cfg.students or [])} students -> {out}", flush=True)
+    return run_distillation(cfg, out)
+
+
+def _cell(row: dict[str, Any] | None) -> str:
+    if row is None:
+        return "-"
+    n = int(row["n"])
+    low, high = row.get("ci95") or wilson_interval(round(float(row["accuracy"]) * n), n)
+    return f"{100 * float(row['accuracy']):.1f} [{100 * low:.1f}, {100 * high:.1f}]"
+
+
+def pass_rows(report: dict[str, Any], epochs: int, seed: int, attacks: list[str]) -> list[dict[str, Any]]:
+    """One table row per student of a pass, with its verdict against the pass's best baseline."""
+    students = report["students"]
+    rows_of = {name: {r["attack"]: r for r in s["final"]["best"]["rows"]} for name, s in students.items()}
+    key = attacks[-1]
+    baselines = [n for n, s in students.items() if s["train_config"]["method"] in BASELINES]
+    best = max(baselines, key=lambda n: float(rows_of[n][key]["accuracy"]), default=None)
+    out = []
+    for name, s in students.items():
+        method = s["train_config"]["method"]
+        arch, _, recipe = name.rsplit("-", 2)
+        verdict = "-"
+        if best is not None and name != best:
+            r = compare_rows(rows_of[best][key], rows_of[name][key], a_label=best, b_label=name)
+            verdict = (f"{100 * r['diff']:+.1f} pts vs {students[best]['train_config']['method']}, "
+                       f"p={r['p_value']:.3g}{' (significant)' if r['significant_at_5pct'] else ''}")
+        elif name == best:
+            verdict = "best baseline"
+        out.append({"budget": epochs, "seed": seed, "student": arch, "name": name, "method": method,
+                    "recipe": recipe,
+                    "cells": [_cell(rows_of[name].get(a)) for a in attacks], "verdict": verdict,
+                    "degenerate": bool(s.get("degenerate_student"))})
+    return out
+
+
+def markdown(rows: list[dict[str, Any]], attacks: list[str]) -> str:
+    labels = {"clean": "clean", "pgd_trades": "PGD", "pgd_sat": "PGD_SAT", "aa": "AA"}
+    head = ["budget", "seed", "student", "method", "recipe", *(labels.get(a, a) for a in attacks),
+            f"vs best baseline ({labels.get(attacks[-1], attacks[-1])}, McNemar)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        flag = " (degenerate)" if r["degenerate"] else ""
+        lines.append("| " + " | ".join([str(r["budget"]), str(r["seed"]), r["student"],
+                                       r["method"], r["recipe"] + flag, *r["cells"], r["verdict"]]) + " |")
+    lines.append("\naccuracy % [95% Wilson interval] on the same first n test images per pass; best "
+                 "checkpoint; p: McNemar's exact test, two-sided, against the pass's best of "
+                 f"{', '.join(BASELINES)}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    attacks = _list(args.attacks)
+    rows: list[dict[str, Any]] = []
+    for epochs in (int(b) for b in _list(args.budgets)):
+        for seed in (int(s) for s in _list(args.seeds)):
+            rows += pass_rows(run_pass(args, epochs, seed), epochs, seed, attacks)
+    table = markdown(rows, attacks)
+    print(table)
+    (args.out / "table.md").write_text(table + "\n")
+    result = {"rows": rows, "attacks": attacks, "table": table}
+    (args.out / "study.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
