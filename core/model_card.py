@@ -58,7 +58,7 @@ def build_card(report: dict[str, Any], *, job_id: str | None = None,
                     "test_n_evaluated": _test_n(evaluation), "note": dataset.get("note")},
         "teacher": _teacher(report.get("teacher")),
         "method": {"name": config.get("method"), "method_params": config.get("method_params"),
-                   "resolved": train_config, "config": config},
+                   "resolved": train_config, "config": config, "recipe": report.get("recipe")},
         "training": {"device": train_config.get("device"), "epochs_run": len(history),
                      "seconds": round(sum(float(h.get("seconds") or 0.0) for h in history), 3),
                      "job_seconds": report.get("seconds"), "best_selected_on": report.get("best_selected_on"),
@@ -186,6 +186,9 @@ def render_markdown(card: dict[str, Any]) -> str:
     lines += ["", "## Method and training", "",
               f"- method {card['method']['name']}, trained on {tr['device']} for {tr['epochs_run']} epochs "
               f"in {tr['seconds']:.1f} s; best checkpoint selected on {tr['best_selected_on']}",
+              *[f"- recipe {rec['name']}: " + "; ".join(f"{k} = {v['value']} ({v['source']}: {v['why']})"
+                                                         for k, v in rec["values"].items())
+                for rec in [card["method"].get("recipe")] if rec],
               "", "Every resolved hyper-parameter:", "", "```json",
               json.dumps(card["method"]["resolved"], indent=2, sort_keys=True), "```", ""]
     lines += ["## Evaluation", ""]

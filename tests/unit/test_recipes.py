@@ -159,6 +159,7 @@ def test_recipe_and_steps_in_the_report(files: tuple[Path, Path], tmp_path: Path
     steps = {row["attack"]: row["settings"].get("step_size") for row in report["final"]["last"]["rows"]}
     assert steps["pgd_sat"] == 0.5 / 255 and steps["pgd_trades"] == pytest.approx(0.003 / 4)
     assert report["config"]["recipe"] == "auto"
+    assert "- recipe auto: kl_reduction = batchmean (recipe: " in (out / "model_card.md").read_text()
 
     from core.pipeline import run_distillation
 
