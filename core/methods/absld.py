@@ -30,8 +30,9 @@ class ABSLD(Method):
     r = 0.1 and is divided by 10 at each learning-rate milestone before that epoch's update, tau in
     [0.5, 5]; the losses are summed (not averaged) per class, from the student's train-mode logits of
     the outer loss; the outer KLs are RSLAD's (log(p_T + 1e-5), mean over all B x C elements, no
-    t^2 factor); start x + 0.001 * N(0, 1), 10 steps of 2/255 in an 8/255 box, the student in eval mode
-    for the attack; 300 epochs, lr 0.1 / 10 at 215, 260, 285, momentum 0.9, weight decay 2e-4.
+    t^2 factor; kl_reduction 'batchmean' divides by B only, as for RSLAD); start x + 0.001 * N(0, 1),
+    10 steps of 2/255 in an 8/255 box, the student in eval mode for the attack; 300 epochs, lr 0.1 / 10
+    at 215, 260, 285, momentum 0.9, weight decay 2e-4.
     One departure from the code: there both rescaled teacher logits are views of one tensor, divided
     in place, so each sample's logits end up divided by tau^a_y * tau^n_y in both terms; this keeps the
     two temperatures apart, as the paper's equations do. An update with all class losses equal (the
@@ -45,11 +46,12 @@ class ABSLD(Method):
     needs_teacher = True
     defaults: ClassVar[dict[str, Any]] = {
         "eps": 8 / 255, "step_size": 2 / 255, "steps": 10, "init": "normal",
-        "adv_weight": 5 / 6, "nat_weight": 1 / 6,
+        "adv_weight": 5 / 6, "nat_weight": 1 / 6, "kl_reduction": "reference",
         "temp_rate": 0.1, "temp_min": 0.5, "temp_max": 5.0,
         "epochs": 300, "milestones": (215, 260, 285),
     }
-    choices: ClassVar[dict[str, tuple[Any, ...]]] = {"init": INITS}
+    choices: ClassVar[dict[str, tuple[Any, ...]]] = {"init": INITS,
+                                                     "kl_reduction": ("reference", "batchmean")}
 
     def __init__(self, **overrides: Any) -> None:
         super().__init__(**overrides)
@@ -130,11 +132,11 @@ class ABSLD(Method):
 
         return self.ascend(student, batch, kl_to_soft_labels)
 
-    @staticmethod
-    def kl(target: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """RSLAD's reference KL: sum p_T (log(p_T + 1e-5) - log p_S) / (B x C)."""
+    def kl(self, target: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """RSLAD's reference KL: sum p_T (log(p_T + 1e-5) - log p_S) / (B x C), or / B ('batchmean')."""
         elements = target * (torch.log(target + LOG_EPS) - F.log_softmax(logits, dim=1))
-        return elements.sum() / elements.numel()
+        denominator = elements.numel() if self.params["kl_reduction"] == "reference" else elements.shape[0]
+        return elements.sum() / denominator
 
     def outer(self, student: nn.Module, batch: Batch, x_adv: torch.Tensor | None, *,
               epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

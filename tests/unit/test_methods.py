@@ -358,7 +358,8 @@ REFERENCE_DEFAULTS = {
               "kl_reduction": "reference", "igdm_weight": 0.0, "igdm_ramp_epochs": 200, "igdm_beta": 1.0,
               "igdm_gamma": 1.0, "epochs": 200, "milestones": (100, 150), "weight_decay": 5e-4},
     "absld": {"eps": 8 / 255, "step_size": 2 / 255, "steps": 10, "init": "normal", "adv_weight": 5 / 6,
-              "nat_weight": 1 / 6, "temp_rate": 0.1, "temp_min": 0.5, "temp_max": 5.0, "epochs": 300,
+              "nat_weight": 1 / 6, "kl_reduction": "reference", "temp_rate": 0.1, "temp_min": 0.5,
+              "temp_max": 5.0, "epochs": 300,
               "milestones": (215, 260, 285)},
 }
 

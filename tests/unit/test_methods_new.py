@@ -261,6 +261,10 @@ def test_absld_soft_labels_use_the_class_temperature_and_collect_losses() -> Non
     kl_nat = reference_kl(nat_targets, apply(student, X))
     assert float(terms["kl_adv"].detach()) == pytest.approx(kl_adv, rel=1e-12)
     assert float(loss.detach()) == pytest.approx(5 / 6 * kl_adv + 1 / 6 * kl_nat, rel=1e-12)
+    batchmean = create_method("absld", kl_reduction="batchmean")
+    batchmean.load_state_dict(method.state_dict())
+    loss_bm, _ = batchmean.outer(student, batch_of(teacher, X, y=[0, 1]), x_adv, epoch=0)
+    assert float(loss_bm.detach()) == pytest.approx(3 * float(loss.detach()), rel=1e-12)  # / B, not / (B x C)
 
     def ce(logits: list[float], label: int) -> float:
         return -math.log(softmax(logits)[label])
