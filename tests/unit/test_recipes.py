@@ -218,3 +218,12 @@ def test_service_accepts_a_recipe_and_rejects_a_bad_one(tmp_path: Path) -> None:
             r = client.post("/v1/jobs", headers=headers, json={**body, key_: bad})
             assert r.status_code == 422 and key_ in r.json()["detail"], r.text
         assert len(enqueued) == 1
+
+
+def test_cifar100_kl_scale_only_with_the_reference_reduction() -> None:
+    """The reference multiplies its B x C mean KL by 10 on CIFAR-100; batchmean needs no such factor."""
+    assert config("rslad").method_overrides(100)["kl_scale"] == 10.0
+    assert config("rslad", epochs=15, recipe="reference").method_overrides(100)["kl_scale"] == 10.0
+    short = config("rslad", epochs=15).method_overrides(100)
+    assert short["kl_reduction"] == "batchmean" and "kl_scale" not in short
+    assert config("rslad").method_overrides(10).get("kl_scale") is None
