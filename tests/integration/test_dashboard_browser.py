@@ -217,11 +217,14 @@ def _teacher_file(folder: Path) -> Path:
 
 
 def _wait(driver: Any, predicate: Any, what: str, timeout: float = WAIT_S) -> Any:
-    from selenium.common.exceptions import TimeoutException
+    from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
     from selenium.webdriver.support.ui import WebDriverWait
 
+    wait = WebDriverWait(
+        driver, timeout, poll_frequency=0.1, ignored_exceptions=[StaleElementReferenceException]
+    )
     try:
-        return WebDriverWait(driver, timeout, poll_frequency=0.1).until(predicate)
+        return wait.until(predicate)
     except TimeoutException:
         shot = SCREENSHOTS / f"timeout-{int(time.time())}.png"
         driver.save_screenshot(str(shot))
@@ -243,8 +246,9 @@ def _all(driver: Any, selector: str) -> list[Any]:
 
 
 def _text(driver: Any, selector: str) -> str:
-    found = _all(driver, selector)
-    return str(found[0].text).strip() if found else ""
+    """The rendered text of the first match ("" for none), read in one step: views re-render."""
+    script = "const e = document.querySelector(arguments[0]); return e ? e.innerText.trim() : '';"
+    return str(driver.execute_script(script, selector))
 
 
 def _fill(driver: Any, selector: str, value: str) -> None:
@@ -438,7 +442,7 @@ def test_a_job_made_in_the_form_runs_live_to_its_evaluation_table(
         time.sleep(0.1)
     else:
         raise AssertionError(f"the job did not finish in {JOB_S} s: {stack.worker_log()}")
-    status = _css(browser, "#job-status .badge").get_attribute("data-status")
+    status = browser.execute_script("return document.querySelector('#job-status .badge').dataset.status")
     assert status == "succeeded", (_text(browser, "#job-error"), stack.worker_log())
     _wait(
         browser,
@@ -524,6 +528,8 @@ def test_a_job_made_in_the_form_runs_live_to_its_evaluation_table(
 
 
 def test_another_tenants_job_is_not_found_and_the_owner_cancels_it(stack: Stack, browser: Any) -> None:
+    from selenium.webdriver.support.ui import Select
+
     base, key = _base(stack), _key(stack)
     long_job = {"dataset": "cifar10-partial", "method": "natural", "student": "tiny_cnn", "epochs": 50}
     job = stack.client.http.post("/v1/jobs", json={**long_job, "device": "cpu"})
@@ -555,6 +561,39 @@ def test_another_tenants_job_is_not_found_and_the_owner_cancels_it(stack: Stack,
     assert not _css(browser, "#cancel-job").is_displayed()
     sent = _requests_sent(browser)
     assert [u for u, h in sent if u.endswith(f"/v1/jobs/{job_id}/cancel")], "no cancel request"
+
+    # Paging by the API's cursor and the status filter, on more jobs than a page holds.
+    for _ in range(10):
+        more = stack.client.http.post("/v1/jobs", json={**long_job, "device": "cpu"})
+        assert more.status_code == 201, more.text
+        stack.client.jobs.cancel(more.json()["id"])
+    deadline = time.monotonic() + JOB_S  # a job the worker had already taken stops at its next check
+    while any(j.status != "cancelled" for j in stack.client.jobs.list() if j.method == "natural"):
+        assert time.monotonic() < deadline, "the cancelled jobs did not stop"
+        time.sleep(0.3)
+    newest_first = [j.id for j in stack.client.jobs.list()]
+    assert len(newest_first) >= 11  # these 11 (and the first test's)
+    browser.get(f"{base}/ui/#/jobs")
+    _wait(browser, lambda d: _all(d, "#page-size"), "the jobs page")
+    Select(_css(browser, "#page-size")).select_by_value("10")
+
+    def shown(d: Any) -> list[str]:
+        rows = "return [...document.querySelectorAll('#jobs-body tr[data-job-id]')].map(r => r.dataset.jobId)"
+        return list(d.execute_script(rows))
+
+    _wait(browser, lambda d: shown(d) == newest_first[:10], "the first page of 10")
+    assert _css(browser, "#newer").get_attribute("disabled") is not None
+    _css(browser, "#older").click()
+    _wait(browser, lambda d: shown(d) == newest_first[10:20], "the second page")
+    assert _css(browser, "#older").get_attribute("disabled") is not None
+    _css(browser, "#newer").click()
+    _wait(browser, lambda d: shown(d) == newest_first[:10], "the first page again")
+    # The filter leaves the 11 cancelled jobs out (the first test's job is the one that succeeded).
+    Select(_css(browser, "#status-filter")).select_by_value("succeeded")
+    succeeded = [j.id for j in stack.client.jobs.list(status="succeeded")]
+    _wait(browser, lambda d: shown(d) == succeeded and "job(s)" in _text(d, "#jobs-info"), "succeeded only")
+    assert _text(browser, "#jobs-info").endswith(f"{len(succeeded)} job(s)")
+    sent += _requests_sent(browser)
     for each in (key, other):
         _check_the_browser(browser, base, each, sent)
 

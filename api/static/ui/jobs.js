@@ -5,13 +5,17 @@ import { clear, duration, h, progressCell, statusBadge, studentsOf, TERMINAL, wh
 import { newJobForm } from "./newjob.js";
 
 const STATUSES = ["", "queued", "running", "evaluating", "succeeded", "failed", "cancelled"];
-const PAGE = 20;
+const PAGE_SIZES = [10, 20, 50, 100];
+const DEFAULT_PAGE = 20;
 const REFRESH_MS = 5000;
 
 export function showJobs(view) {
-  const state = { status: "", cursors: [null], page: 0, next: null };
+  const state = { status: "", limit: DEFAULT_PAGE, cursors: [null], page: 0, next: null };
   const filter = h("select", { id: "status-filter", name: "status" },
     STATUSES.map((s) => h("option", { value: s }, s || "all")));
+  const size = h("select", { id: "page-size", name: "limit", "aria-label": "jobs per page" },
+    PAGE_SIZES.map((n) => h("option", { value: String(n) }, `${n} per page`)));
+  size.value = String(state.limit);
   const body = h("tbody", { id: "jobs-body" });
   const info = h("p", { class: "muted small", id: "jobs-info" });
   const newer = h("button", { type: "button", id: "newer", disabled: true }, "← Newer");
@@ -25,7 +29,7 @@ export function showJobs(view) {
   view.append(
     h("div", { class: "heading" }, h("h1", {}, "Jobs"), toggle),
     formBox,
-    h("div", { class: "toolbar" }, h("label", { for: "status-filter" }, "Status "), filter, info),
+    h("div", { class: "toolbar" }, h("label", { for: "status-filter" }, "Status "), filter, size, info),
     error,
     h("div", { class: "table-wrap" }, h("table", { class: "jobs" },
       h("thead", {}, h("tr", {}, ["Created", "Job", "Status", "Student(s)", "Method(s)", "Dataset", "Progress", "ETA"]
@@ -37,7 +41,7 @@ export function showJobs(view) {
   async function load() {
     clearTimeout(timer);
     try {
-      const page = await get("/v1/jobs", { status: state.status, limit: PAGE, cursor: state.cursors[state.page] });
+      const page = await get("/v1/jobs", { status: state.status, limit: state.limit, cursor: state.cursors[state.page] });
       if (gone) return;
       error.textContent = "";
       render(page);
@@ -72,10 +76,12 @@ export function showJobs(view) {
     }
   }
 
-  filter.addEventListener("change", () => {
-    Object.assign(state, { status: filter.value, cursors: [null], page: 0 });
+  const restart = () => {
+    Object.assign(state, { status: filter.value, limit: Number(size.value), cursors: [null], page: 0 });
     load();
-  });
+  };
+  filter.addEventListener("change", restart);
+  size.addEventListener("change", restart);
   older.addEventListener("click", () => {
     if (!state.next) return;
     state.cursors[state.page + 1] = state.next;
