@@ -98,6 +98,12 @@ def test_a_job_moves_each_counter_by_what_it_did(stack: Stack, teacher_file: Pat
                                      name=f"metrics-teacher-{stack.queue}")
     epochs = 2
     job = client.jobs.create(teacher_id=teacher.id, epochs=epochs, **JOB)
+
+    def worker_busy() -> bool:  # the running child's live gauges reach the parent's port (JOB: on the CPU)
+        samples = worker_answers(stack) or {}
+        return value(samples, "rd_worker_busy") == 1 and value(samples, "rd_worker_device", type="cpu") == 1
+
+    wait_for(worker_busy, 240, "the worker to report the job running on the CPU")
     job = client.jobs.wait(job.id, timeout=300, poll_s=0.5)
     assert job.status == "succeeded", (job.error, stack.worker_log())
     report = client.jobs.report(job.id)
