@@ -48,6 +48,10 @@ StopFn = Callable[[], bool]
 _RUN_KEYS = ("epochs", "milestones", "batch_size", "lr", "warmup_epochs", "momentum", "weight_decay", "seed")
 # Defaults of run keys that older checkpoints did not record.
 _RUN_KEY_DEFAULTS = {"warmup_epochs": 0}
+# Method parameters that older checkpoints did not record, with the value those runs used: the optimiser
+# came from the run keys above, ARD/IAD divided the lr at every milestone, ARD averaged its KL over B x C.
+_LEGACY_METHOD_PARAMS = {"lr": None, "momentum": 0.9, "weight_decay": 2e-4, "lr_schedule": "step",
+                         "kl_reduction": "reference"}
 
 @dataclass
 class TrainConfig:
@@ -464,6 +468,9 @@ class Trainer:
             raise ConfigError(f"cannot read {path} to resume ({exc}); delete it to start over") from exc
         saved, now = ckpt.get("config", {}), self.resolved()
         keys = [*_RUN_KEYS, "method", "method_params"]
+        if isinstance(saved.get("method_params"), dict):
+            legacy = {k: v for k, v in _LEGACY_METHOD_PARAMS.items() if k in now["method_params"]}
+            saved = {**saved, "method_params": {**legacy, **saved["method_params"]}}
         diff = [k for k in keys if saved.get(k, _RUN_KEY_DEFAULTS.get(k)) != now.get(k)]
         if diff:
             detail = ", ".join(f"{k}: {saved.get(k)!r} there, {now.get(k)!r} now" for k in diff)

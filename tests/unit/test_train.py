@@ -335,3 +335,31 @@ def test_optimiser_settings_precedence(tmp_path: Path, data) -> None:
     assert job.lr == 0.05 and job.optimizer.param_groups[0]["weight_decay"] == 2e-4
     linear = trainer("c")
     assert linear.lr == pytest.approx(0.1 * 16 / 128) and linear.resolved()["momentum"] == 0.9
+
+
+def _drop_from_checkpoint(path: Path, keys: tuple[str, ...]) -> None:
+    """Make ``path`` look like a checkpoint written before these method parameters existed."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    for key in keys:
+        ckpt["config"]["method_params"].pop(key)
+    torch.save(ckpt, path)
+
+
+def test_resume_reads_checkpoints_older_than_the_optimiser_parameters(tmp_path: Path, data) -> None:
+    make_trainer(tmp_path / "r", data).fit()
+    _drop_from_checkpoint(tmp_path / "r" / "checkpoint.pt", ("lr", "momentum", "weight_decay"))
+    assert make_trainer(tmp_path / "r", data).fit()["resumed_from"] == EPOCHS
+
+    teacher = create_model("tiny_cnn", data.num_classes)
+    cfg = TrainConfig(batch_size=16, device="cpu", val_attack_steps=1)
+
+    def ard(schedule: str | None) -> Trainer:
+        extra = {"lr_schedule": schedule} if schedule else {}
+        return Trainer(cfg, create_method("ard", steps=1, epochs=1, **extra),
+                       create_model("tiny_cnn", data.num_classes), teacher, data, tmp_path / "ard")
+
+    ard("step").fit()
+    _drop_from_checkpoint(tmp_path / "ard" / "checkpoint.pt", ("lr_schedule", "kl_reduction", "lr"))
+    with pytest.raises(ConfigError, match="different run"):  # it divided at every milestone: not 'reference'
+        ard(None).fit()
+    assert ard("step").fit()["resumed_from"] == 1
