@@ -56,6 +56,7 @@ WAIT_S = 45  # a page showing what the API answered: generous on 2 busy cores, n
 JOB_S = 300  # the whole job on the worker
 EPOCHS = 3
 CLASSES = 4
+STUDENTS = [("tiny-sat", "sat"), ("tiny-trades", "trades")]  # two tiny_cnn students, one pass over the data
 
 
 def _browser_paths() -> tuple[str, str]:
@@ -324,7 +325,8 @@ def _check_the_browser(driver: Any, base: str, key: str, sent: list[tuple[str, d
 # ---------------------------------------------------------------- the scenarios
 
 
-def _new_job(driver: Any, dataset_id: str, values: dict[str, str]) -> None:
+def _new_job(driver: Any, dataset_id: str, values: dict[str, str], several: bool = False) -> None:
+    """Fill the form (one tiny_cnn trained with SAT, or the ``STUDENTS``) and send it."""
     from selenium.webdriver.support.ui import Select
 
     if not _all(driver, "#new-job-form"):
@@ -335,6 +337,14 @@ def _new_job(driver: Any, dataset_id: str, values: dict[str, str]) -> None:
     Select(_css(driver, "#f-device")).select_by_value("cpu")
     _fill(driver, "#students .student-row input[name=student]", "tiny_cnn")
     _fill(driver, "#students .student-row input[name=method]", "sat")
+    if several:
+        _css(driver, "#add-student").click()
+        _wait(driver, lambda d: len(_all(d, "#students .student-row")) == 2, "a second student row")
+        for row, (name, method) in zip(_all(driver, "#students .student-row"), STUDENTS, strict=True):
+            for field, value in (("student", "tiny_cnn"), ("method", method), ("name", name)):
+                box = row.find_element("css selector", f"input[name={field}]")
+                box.clear()
+                box.send_keys(value)
     for name, value in values.items():
         _fill(driver, f"#f-{name}", value)
     for box in _all(driver, "#f-attacks input"):  # clean and fgsm only
@@ -407,17 +417,13 @@ def test_a_job_made_in_the_form_runs_live_to_its_evaluation_table(
             "n_eval": "64",
             "method_params": '{"steps": 2}',
         },
+        several=True,
     )
     _wait(browser, lambda d: "#/jobs/" in d.current_url, "the new job's page")
     job_id = browser.current_url.rsplit("/", 1)[1]
     job = stack.client.jobs.get(job_id)
-    assert (job.student, job.method, job.dataset_id, job.params["epochs"]) == (
-        "tiny_cnn",
-        "sat",
-        dataset_id,
-        3,
-    )
-    assert job.params["attacks"] == ["clean", "fgsm"]
+    assert (job.dataset_id, job.params["epochs"], job.params["attacks"]) == (dataset_id, 3, ["clean", "fgsm"])
+    assert [(s["name"], s["method"]) for s in job.params["students"]] == [STUDENTS[0], STUDENTS[1]]
 
     # The curves grow while the worker trains: the chart's epoch count, read until the job has finished.
     # After the first epoch the API is killed and started again: the page says so, then reconnects with
@@ -466,23 +472,24 @@ def test_a_job_made_in_the_form_runs_live_to_its_evaluation_table(
     for chart in ("loss", "accuracy", "lr"):
         assert int(_css(browser, f"[data-chart={chart}]").get_attribute("data-points")) >= EPOCHS, chart
         assert _all(browser, f"[data-chart={chart}] canvas"), f"the {chart} chart was not drawn"
-    assert _css(browser, "[data-chart=accuracy]").get_attribute("data-series") == "val clean|val robust"
+    series = _css(browser, "[data-chart=accuracy]").get_attribute("data-series").split("|")
+    assert series == [f"{name} val {kind}" for name, _ in STUDENTS for kind in ("clean", "robust")], series
 
     # The evaluation table, once the report exists: the report's accuracies and 95% intervals.
-    _wait(browser, lambda d: len(_all(d, "table.evaluation tr[data-attack]")) == 4, "the evaluation table")
+    _wait(browser, lambda d: len(_all(d, "table.evaluation tr[data-attack]")) == 8, "the evaluation tables")
     report = stack.client.jobs.report(job_id)
-    assert report.final is not None
-    for which in ("best", "last"):
-        for row in report.final[which].rows:
-            cells = _all(
-                browser, f"table.evaluation tr[data-checkpoint={which}][data-attack={row.attack}] td"
-            )
-            shown = [c.text.strip() for c in cells]
-            extra = row.model_extra or {}
-            low, high = extra.get("ci95") or wilson_interval(round(row.accuracy * row.n), row.n)
-            assert shown[2] == f"{100 * row.accuracy:.1f}%", (which, row.attack, shown)
-            assert shown[3] == f"{100 * low:.1f}% – {100 * high:.1f}%", (which, row.attack, shown)
-            assert shown[4] == str(row.n) == "64"
+    assert report.students is not None and sorted(report.students) == [name for name, _ in STUDENTS]
+    for name, part in report.students.items():
+        assert part.final is not None
+        for which in ("best", "last"):
+            for row in part.final[which].rows:
+                where = f"[data-student={name}] tr[data-checkpoint={which}][data-attack={row.attack}] td"
+                shown = [c.text.strip() for c in _all(browser, f"table.evaluation{where}")]
+                extra = row.model_extra or {}
+                low, high = extra.get("ci95") or wilson_interval(round(row.accuracy * row.n), row.n)
+                assert shown[2] == f"{100 * row.accuracy:.1f}%", (name, which, row.attack, shown)
+                assert shown[3] == f"{100 * low:.1f}% – {100 * high:.1f}%", (name, which, row.attack, shown)
+                assert shown[4] == str(row.n) == "64"
     names = {a.name for a in stack.client.jobs.artifacts(job_id)}
     _wait(
         browser,
@@ -494,9 +501,11 @@ def test_a_job_made_in_the_form_runs_live_to_its_evaluation_table(
     saved = tmp_path / "downloads" / "report.json"
     _wait(browser, lambda d: saved.is_file() and saved.stat().st_size > 0, "the downloaded report")
     assert saved.read_bytes() == stack.client.http.get(f"/v1/jobs/{job_id}/artifacts/report.json").content
-    _css(browser, "#show-model-card").click()
+    cards = sorted(n for n in names if n.endswith("model_card.md"))
+    assert cards, names
+    _css(browser, f"[data-model-card='{cards[-1]}']").click()
     _wait(browser, lambda d: _css(d, "#model-card").get_attribute("textContent"), "the model card")
-    card = stack.client.http.get(f"/v1/jobs/{job_id}/artifacts/model_card.md").text
+    card = stack.client.http.get(f"/v1/jobs/{job_id}/artifacts/{cards[-1]}").text
     assert _css(browser, "#model-card").get_attribute("textContent") == card
     browser.execute_script("window.scrollTo(0, 0)")
     page = _screenshot(browser, "job")
@@ -517,7 +526,7 @@ def test_a_job_made_in_the_form_runs_live_to_its_evaluation_table(
     sent += _requests_sent(browser)
     browser.set_window_size(390, 844)
     browser.get(f"{base}/ui/#/jobs/{job_id}")
-    _wait(browser, lambda d: len(_all(d, "table.evaluation tr[data-attack]")) == 4, "the phone-size job page")
+    _wait(browser, lambda d: len(_all(d, "table.evaluation tr[data-attack]")) == 8, "the phone-size job page")
     width = browser.execute_script("return [document.documentElement.scrollWidth, window.innerWidth]")
     assert width[0] <= width[1], f"the page is wider than the phone's screen: {width}"
     _screenshot(browser, "job-phone")

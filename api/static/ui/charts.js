@@ -52,7 +52,7 @@ function seriesOf(table) {
     for (const k of [...keys].sort()) loss.push({ label: label(student, k), values: column(student, k) });
     accuracy.push({ label: label(student, "val clean"), values: column(student, "val_clean_acc"), student });
     accuracy.push({ label: label(student, "val robust"), values: column(student, "val_robust_acc"), student, dash: true });
-    if (!lr.length || students.length > 1) lr.push({ label: label(students.length > 1 ? student : "", "lr"), values: column(student, "lr") });
+    lr.push({ label: label(students.length > 1 ? student : "", "lr"), values: column(student, "lr"), student });
   });
   return { epochs, students, loss, accuracy: accuracy.filter((s) => s.values.some((v) => v !== null)), lr };
 }
@@ -146,6 +146,6 @@ export class JobCharts {
     const byStudent = (s, i) => COLOURS[(s.student !== undefined ? students.indexOf(s.student) : i) % COLOURS.length];
     this.loss.update(epochs, loss, (s, i) => COLOURS[i % COLOURS.length]);
     this.accuracy.update(epochs, accuracy, students.length > 1 ? byStudent : (s) => (s.dash ? COLOURS[1] : COLOURS[0]));
-    this.lr.update(epochs, lr, (s, i) => COLOURS[(i + 2) % COLOURS.length]);
+    this.lr.update(epochs, lr, byStudent);
   }
 }

@@ -100,16 +100,17 @@ export function showJob(view, jobId) {
     const error = h("p", { class: "error", role: "alert" });
     const card = h("pre", { class: "model-card", id: "model-card", hidden: true });
     clear(artifacts).append(h("h2", {}, "Files"));
-    if (list.items.some((a) => a.name === "model_card.md")) {
+    for (const { name } of list.items.filter((a) => a.name.endsWith("model_card.md"))) {
       artifacts.append(h("p", {}, h("button", {
-        type: "button", class: "link", id: "show-model-card",
+        type: "button", class: "link", "data-model-card": name,
         onclick: async () => {
           try {
-            card.textContent = await getText(`${path}/artifacts/model_card.md`);
+            card.textContent = await getText(`${path}/artifacts/${encodeURIComponent(name)}`);
+            card.dataset.shows = name;
             card.hidden = false;
           } catch (e) { error.textContent = e.message; }
         },
-      }, "Show the model card")));
+      }, name === "model_card.md" ? "Show the model card" : `Show the model card of ${name.replace(/\.model_card\.md$/, "")}`)));
     }
     const rows = list.items.map((a) => h("tr", {},
       h("td", { "data-label": "File" }, a.name),
