@@ -4,8 +4,9 @@ Off unless that setting is given. Jobs run in forked pool children, a fresh one 
 (``worker_max_tasks_per_child=1``), so a child's own registry would vanish with it. The children therefore
 record into prometheus_client's multiprocess files, in a folder private to this worker (the parent makes
 it and sets ``PROMETHEUS_MULTIPROC_DIR`` before anything imports prometheus_client), and the parent serves
-their sum: counters and histograms keep what finished children recorded; the live gauges (busy, training
-rate, device memory) count only children that are alive.
+their sum: counters and histograms keep what exited children recorded (folded into one archive file per
+type, so the folder does not grow with every job); the live gauges (busy, training rate, device memory)
+count only children that are alive.
 
 The HTTP server is a daemon thread of the parent, started at ``worker_ready`` like the reaper: a forked
 child has only its forking thread, and the server ends with the parent. Nothing here imports torch: the
@@ -22,6 +23,7 @@ import re
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +41,7 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 EVAL_BUCKETS = (0.1, 0.5, 1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0)
 OUTCOMES = frozenset({"succeeded", "failed", "cancelled", "retrying", "lost lease"})
 _LIVE_FILE = re.compile(r"^gauge_live\w*_(\d+)\.db$")
+ARCHIVE = "exited"  # counter_exited.db, histogram_exited.db: what the pool children that exited counted
 
 
 @dataclass
@@ -115,26 +118,54 @@ _registry.prepare(get_settings().worker_metrics_port)
 
 
 class _LiveCollector:
-    """The children's files summed; first the live gauges of children that died without saying so
-    (SIGKILL, out of memory) are dropped, so a dead child is not counted as busy forever."""
+    """The children's files summed, after two kinds of housekeeping of the children that have exited:
+
+    - their live gauges are dropped (those of a child that died without saying so, by SIGKILL or out of
+      memory, too), so a dead child is not counted as busy forever;
+    - their counters and histograms are added into one archive file per type and their own files deleted,
+      so the folder holds a few files whatever the number of jobs run, not two per job.
+    """
 
     def __init__(self, folder: Path) -> None:
         from prometheus_client.multiprocess import MultiProcessCollector
 
         self.folder = folder
         self.inner = MultiProcessCollector(None, path=str(folder))
+        self.lock = threading.Lock()  # the server answers scrapes in threads
 
     def describe(self) -> list[Any]:
         return []
 
     def collect(self) -> Any:
+        with self.lock:
+            self.forget_dead_children()
+            return list(self.inner.collect())
+
+    def forget_dead_children(self) -> None:
         from prometheus_client import multiprocess
+        from prometheus_client.mmap_dict import MmapedDict
 
         for path in self.folder.glob("gauge_live*_*.db"):
             match = _LIVE_FILE.match(path.name)
             if match and not _alive(int(match.group(1))):
                 multiprocess.mark_process_dead(int(match.group(1)), str(self.folder))
-        return self.inner.collect()
+        for kind in ("counter", "histogram"):
+            dead = [p for p in self.folder.glob(f"{kind}_*.db") if _dead_child_file(p, kind)]
+            if not dead:
+                continue
+            archive = MmapedDict(str(self.folder / f"{kind}_{ARCHIVE}.db"))
+            try:
+                for path in dead:
+                    for key, value, timestamp, _ in MmapedDict.read_all_values_from_file(str(path)):
+                        archive.write_value(key, archive.read_value(key)[0] + value, timestamp)
+                    path.unlink()
+            finally:
+                archive.close()
+
+
+def _dead_child_file(path: Path, kind: str) -> bool:
+    pid = path.name[len(kind) + 1:-3]
+    return pid.isdigit() and not _alive(int(pid))
 
 
 def _alive(pid: int) -> bool:

@@ -280,6 +280,58 @@ def test_worker_meter_never_fails_the_job() -> None:
     assert meter.ran(lambda: "failed") == "failed"
 
 
+CHILD = """
+from worker.metrics import make_instruments
+m = make_instruments(None)
+m.busy.inc()  # and exits without saying so, like a SIGKILLed pool child
+m.train_images.inc({images})
+m.eval_seconds.labels("clean").observe(0.2)
+m.attempts.labels("succeeded").inc()
+"""
+
+
+def test_worker_parent_sums_its_children_and_folds_the_exited_ones(tmp_path: Path) -> None:
+    """Real child processes write the multiprocess files; the parent's collector serves their sum, counts
+    none of them as busy once they have exited, and folds their files into one archive per type."""
+    import os
+    import subprocess
+    import sys
+
+    from worker.metrics import _LiveCollector
+
+    folder = tmp_path / "prom"
+    folder.mkdir()
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(folder), "PYTHONPATH": str(REPO)}
+    env.pop("RD_WORKER_METRICS_PORT", None)
+
+    def child(images: int) -> None:
+        subprocess.run([sys.executable, "-c", CHILD.format(images=images)], env=env, check=True, cwd=REPO)
+
+    collector = _LiveCollector(folder)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+
+    def served() -> Samples:
+        return _worker_samples(registry)
+
+    for images in (64, 128):
+        child(images)
+    assert len(list(folder.glob("counter_*.db"))) == 2
+    first = served()
+    assert value(first, "rd_worker_train_images_total") == 192
+    assert value(first, "rd_worker_eval_seconds_count", attack="clean") == 2
+    assert value(first, "rd_worker_attempts_total", outcome="succeeded") == 2
+    assert value(first, "rd_worker_busy") == 0
+    assert sorted(p.name for p in folder.iterdir()) == ["counter_exited.db", "histogram_exited.db"]
+    assert served() == first  # folding twice counts nothing twice
+    child(256)
+    again = served()
+    assert value(again, "rd_worker_train_images_total") == 448
+    assert value(again, "rd_worker_eval_seconds_bucket", attack="clean", le="0.5") == 3
+    assert value(again, "rd_worker_eval_seconds_sum", attack="clean") == pytest.approx(0.6)
+    assert sorted(p.name for p in folder.iterdir()) == ["counter_exited.db", "histogram_exited.db"]
+
+
 # ---------------------------------------------------------------- Prometheus's configuration
 
 KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "bool",
