@@ -51,7 +51,9 @@ _RUN_KEY_DEFAULTS = {"warmup_epochs": 0}
 # Method parameters that older checkpoints did not record, with the value those runs used: the optimiser
 # came from the run keys above, ARD/IAD divided the lr at every milestone, ARD averaged its KL over B x C.
 _LEGACY_METHOD_PARAMS = {"lr": None, "momentum": 0.9, "weight_decay": 2e-4, "lr_schedule": "step",
-                         "kl_reduction": "reference"}
+                         "kl_reduction": "reference", "igdm_weight": 0.0}
+# Runs from before the IGDM add-on had it off (weight 0), so its other parameters match any value.
+_LEGACY_IGDM_FREE = ("igdm_ramp_epochs", "igdm_beta", "igdm_gamma")
 
 @dataclass
 class TrainConfig:
@@ -470,6 +472,9 @@ class Trainer:
         keys = [*_RUN_KEYS, "method", "method_params"]
         if isinstance(saved.get("method_params"), dict):
             legacy = {k: v for k, v in _LEGACY_METHOD_PARAMS.items() if k in now["method_params"]}
+            if "igdm_weight" not in saved["method_params"]:
+                params = now["method_params"]
+                legacy.update({k: params[k] for k in _LEGACY_IGDM_FREE if k in params})
             saved = {**saved, "method_params": {**legacy, **saved["method_params"]}}
         diff = [k for k in keys if saved.get(k, _RUN_KEY_DEFAULTS.get(k)) != now.get(k)]
         if diff:

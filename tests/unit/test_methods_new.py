@@ -335,3 +335,36 @@ def test_absld_resume_is_bit_identical(tmp_path: Path, data) -> None:
     drop = {"seconds", "train_seconds", "images_per_s"}
     assert ([{k: v for k, v in m.items() if k not in drop} for m in full["history"]]
             == [{k: v for k, v in m.items() if k not in drop} for m in resumed["history"]])
+
+
+def test_checkpoint_from_before_igdm_resumes(tmp_path: Path, data) -> None:
+    """An RSLAD checkpoint without the igdm_* parameters (IGDM was off) resumes; one with IGDM on does not."""
+
+    def trainer(**kw) -> Trainer:
+        torch.manual_seed(1000)
+        teacher = create_model("tiny_cnn", data.num_classes)
+        student = create_model("tiny_cnn", data.num_classes)
+        cfg = TrainConfig(batch_size=16, seed=0, deterministic=True, device="cpu", val_attack_steps=1)
+        return Trainer(cfg, create_method("rslad", steps=1, epochs=2), student, teacher, data, tmp_path, **kw)
+
+    state = {"stop": False}
+
+    def on_event(event: dict) -> None:
+        state["stop"] = state["stop"] or (event["type"] == "progress" and event["epoch"] == 2)
+
+    with pytest.raises(Cancelled):
+        trainer(on_event=on_event, should_stop=lambda: state["stop"]).fit()
+    path = tmp_path / "checkpoint.pt"
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    params = ckpt["config"]["method_params"]
+    with_igdm = {**params, "igdm_weight": 1.0}
+    for key in ("igdm_weight", "igdm_ramp_epochs", "igdm_beta", "igdm_gamma"):
+        del params[key]
+    torch.save(ckpt, path)
+    assert trainer().fit()["resumed_from"] == 1
+
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt["epoch"], ckpt["config"]["method_params"] = 1, with_igdm
+    torch.save(ckpt, path)
+    with pytest.raises(ConfigError, match="igdm_weight"):
+        trainer().fit()
