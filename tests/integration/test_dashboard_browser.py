@@ -258,6 +258,15 @@ def _fill(driver: Any, selector: str, value: str) -> None:
     field.send_keys(value)
 
 
+def _fixed(x: float, sign: bool = False) -> str:
+    """``x.toFixed(1)`` as the page's JavaScript writes it: the exact binary value, ties away from zero
+    (Python's format rounds ties to even: 6.25 -> "6.2" where the page shows "6.3")."""
+    from decimal import ROUND_HALF_UP, Decimal
+
+    text = str(Decimal(x).quantize(Decimal("0.1"), rounding=ROUND_HALF_UP))
+    return f"+{text}" if sign and x >= 0 else text
+
+
 def _screenshot(driver: Any, name: str) -> Path:
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     path = SCREENSHOTS / f"{name}.png"
@@ -487,9 +496,22 @@ def test_a_job_made_in_the_form_runs_live_to_its_evaluation_table(
                 shown = [c.text.strip() for c in _all(browser, f"table.evaluation{where}")]
                 extra = row.model_extra or {}
                 low, high = extra.get("ci95") or wilson_interval(round(row.accuracy * row.n), row.n)
-                assert shown[2] == f"{100 * row.accuracy:.1f}%", (name, which, row.attack, shown)
-                assert shown[3] == f"{100 * low:.1f}% – {100 * high:.1f}%", (name, which, row.attack, shown)
+                assert shown[2] == f"{_fixed(100 * row.accuracy)}%", (name, which, row.attack, shown)
+                assert shown[3] == f"{_fixed(100 * low)}% – {_fixed(100 * high)}%", (
+                    name,
+                    which,
+                    row.attack,
+                    shown,
+                )
                 assert shown[4] == str(row.n) == "64"
+    # The report's paired comparison of the two students (McNemar), row by row.
+    comparisons = report.model_dump().get("comparisons") or {}
+    assert [r["student"] for r in comparisons.get("results", [])] == ["tiny-trades"] * 2, comparisons
+    for result in comparisons["results"]:
+        where = f"table.comparison tr[data-student={result['student']}][data-attack={result['attack']}] td"
+        shown = [c.text.strip() for c in _all(browser, where)]
+        assert shown[2] == f"{_fixed(100 * result['diff'], sign=True)} pts", shown
+        assert shown[4] == ("yes" if result["significant_at_5pct"] else "no"), shown
     names = {a.name for a in stack.client.jobs.artifacts(job_id)}
     _wait(
         browser,

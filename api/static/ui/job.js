@@ -3,7 +3,7 @@
 
 import { download, get, getText, request } from "./api.js";
 import { JobCharts } from "./charts.js";
-import { bytes, clear, duration, h, pct, progressCell, statusBadge, studentsOf, TERMINAL, when, wilson } from "./dom.js";
+import { bytes, clear, duration, h, num, pct, progressCell, statusBadge, studentsOf, TERMINAL, when, wilson } from "./dom.js";
 import { follow } from "./sse.js";
 
 export function showJob(view, jobId) {
@@ -84,6 +84,9 @@ export function showJob(view, jobId) {
       if (name) evaluation.append(h("h3", {}, name));
       evaluation.append(evaluationTable(part.final || {}, name));
       for (const w of part.warnings || []) warn(name && !w.startsWith(`${name}:`) ? `${name}: ${w}` : w);
+    }
+    if (report.comparisons && Array.isArray(report.comparisons.results) && report.comparisons.results.length) {
+      evaluation.append(comparisonTable(report.comparisons));
     }
     for (const w of report.warnings || []) warn(w);
   }
@@ -196,4 +199,22 @@ function evaluationTable(final, student) {
   return h("div", { class: "table-wrap" }, h("table", { class: "evaluation", "data-student": student || "" },
     h("thead", {}, h("tr", {}, ["Checkpoint", "Attack", "Accuracy", "95% interval", "n", "Worst class"].map((t) => h("th", {}, t)))),
     body));
+}
+
+/** A several-student report's paired comparisons against its reference student (McNemar). */
+function comparisonTable(comparisons) {
+  const rows = comparisons.results.map((r) => h("tr", { "data-student": r.student, "data-attack": r.attack || "" },
+    h("td", { "data-label": "Student" }, r.student),
+    h("td", { "data-label": "Attack" }, r.attack || "–"),
+    r.error
+      ? h("td", { "data-label": "Difference", colspan: "3" }, r.error)
+      : [h("td", { "data-label": "Difference", class: "num" }, `${r.diff >= 0 ? "+" : ""}${(100 * r.diff).toFixed(1)} pts`),
+        h("td", { "data-label": "p", class: "num" }, num(r.p_value, 3)),
+        h("td", { "data-label": "Significant at 5%" }, r.significant_at_5pct ? "yes" : "no")]));
+  return h("div", { class: "comparisons" },
+    h("h3", {}, `Against ${comparisons.reference} (${comparisons.checkpoint || "best"} checkpoints)`),
+    h("p", { class: "muted small" }, comparisons.test || ""),
+    h("div", { class: "table-wrap" }, h("table", { class: "comparison" },
+      h("thead", {}, h("tr", {}, ["Student", "Attack", "Difference", "p", "Significant at 5%"].map((t) => h("th", {}, t)))),
+      h("tbody", {}, rows))));
 }
