@@ -81,6 +81,7 @@ def stack(worker_services: WorkerServices, tmp_path_factory: pytest.TempPathFact
         finally:
             for proc in RESTARTED:
                 _stop_group(proc)
+            RESTARTED.clear()
 
 
 RESTARTED: list[subprocess.Popen[bytes]] = []  # API processes a test started again (stopped with the stack)

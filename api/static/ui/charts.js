@@ -92,7 +92,12 @@ class Chart {
     }
     if (this.plot) this.plot.destroy();
     this.labels = labels;
-    if (!series.length || typeof window.uPlot !== "function") { this.plot = null; return; }
+    this.plot = null;
+    if (typeof window.uPlot !== "function") { // the server's npm step (scripts/setup.sh) has not run
+      this.box.textContent = "The chart library is not installed on this server; the numbers are in the report.";
+      return;
+    }
+    if (!series.length) return;
     const fmt = this.percent ? (v) => (v === null ? "–" : `${(100 * v).toFixed(1)}%`) : (v) => (v === null ? "–" : Number(v.toPrecision(4)).toString());
     const opts = {
       ...this.size(),
