@@ -380,6 +380,8 @@ def test_a_job_made_in_the_form_runs_live_to_its_evaluation_table(
     assert urlsplit(browser.current_url).path == "/ui/"
     _screenshot(browser, "sign-in")
     _sign_in(browser, base, key)
+    stored = browser.execute_script("return [localStorage.length, sessionStorage.getItem('rd-api-key')]")
+    assert stored == [0, key], "the key belongs in this tab's sessionStorage only"
 
     # Uploads through the pages' forms (multipart, with an upload progress bar).
     browser.get(f"{base}/ui/#/datasets")
@@ -555,6 +557,17 @@ def test_a_job_made_in_the_form_runs_live_to_its_evaluation_table(
     _screenshot(browser, "job-phone")
     browser.execute_script("document.querySelector('[data-chart=accuracy]').scrollIntoView()")
     _screenshot(browser, "job-phone-charts")
+    sent += _requests_sent(browser)
+
+    # Delete the (unused) teacher from its page, confirming the browser's dialog.
+    browser.set_window_size(1280, 1600)
+    browser.get(f"{base}/ui/#/teachers")
+    teacher_id = teachers[0].id
+    _wait(browser, lambda d: _all(d, f"[data-delete='{teacher_id}']"), "the teacher's delete button")
+    _css(browser, f"[data-delete='{teacher_id}']").click()
+    _wait(browser, lambda d: d.switch_to.alert, "the confirmation").accept()
+    _wait(browser, lambda d: "Nothing uploaded" in _text(d, "#teachers-body"), "the teacher gone")
+    assert stack.client.teachers.list() == []
     sent += _requests_sent(browser)
     _check_the_browser(browser, base, key, sent)
 
