@@ -58,9 +58,12 @@ export function showJob(view, jobId) {
   }
 
   let job = null;
+  let latest = 0; // answers can arrive out of order: only the newest request's is shown
   async function refresh() {
-    job = await get(path);
-    if (gone) return;
+    const mine = ++latest;
+    const answer = await get(path);
+    if (gone || mine !== latest) return;
+    job = answer;
     showSummary(job);
     if (TERMINAL.has(job.status) && !finishedShown) {
       finishedShown = true;

@@ -38,11 +38,13 @@ export function showJobs(view) {
     h("div", { class: "pager" }, newer, older),
   );
 
+  let latest = 0; // only the newest request's answer is shown (a filter change can overtake a refresh)
   async function load() {
     clearTimeout(timer);
+    const mine = ++latest;
     try {
       const page = await get("/v1/jobs", { status: state.status, limit: state.limit, cursor: state.cursors[state.page] });
-      if (gone) return;
+      if (gone || mine !== latest) return;
       error.textContent = "";
       render(page);
       state.next = page.next_cursor;
@@ -50,7 +52,7 @@ export function showJobs(view) {
       older.disabled = !state.next;
       if (page.items.some((j) => !TERMINAL.has(j.status))) timer = setTimeout(load, REFRESH_MS);
     } catch (e) {
-      if (!gone) error.textContent = e.message;
+      if (!gone && mine === latest) error.textContent = e.message;
     }
   }
 
