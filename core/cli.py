@@ -11,260 +11,17 @@ import json
 import sys
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
+from core.cli_args import UsageError, build_parser, parse_fraction, parse_list, parse_param
 from core.errors import Cancelled, ConfigError, UserError
+from core.report_tables import accuracy_table, comparison_lines
 
 EXIT_USER, EXIT_CANCELLED = 2, 130
 
 
-class _UsageError(Exception):
-    """argparse's complaint, raised instead of printed so that ``main`` prints it as one line."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise _UsageError(f"{message} (see {self.prog} --help)")
-
-
-def _number(text: str) -> float:
-    """'8/255', '0.5/255' or '0.0314' -> float; ValueError otherwise."""
-    top, slash, bottom = text.strip().partition("/")
-    return float(Fraction(top) / Fraction(bottom)) if slash else float(Fraction(top))
-
-
-def parse_fraction(text: str) -> float:
-    """'8/255' or '0.0314' -> float."""
-    try:
-        return _number(text)
-    except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"not a number or fraction like 8/255: {text!r}") from None
-
-
-def parse_param(text: str) -> tuple[str, Any]:
-    """'steps=2' -> ('steps', 2): values are JSON (numbers, lists, true/null), a fraction, or a string."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        value: Any = json.loads(raw)
-    except json.JSONDecodeError:
-        try:
-            value = _number(raw)
-        except (ValueError, ZeroDivisionError):
-            value = raw
-    return key.strip(), value
-
-
-def parse_list(text: str) -> list[str]:
-    items = [t.strip() for t in text.split(",") if t.strip()]
-    if not items:
-        raise argparse.ArgumentTypeError("expected a comma-separated list of names")
-    return items
-
-
-def int_at_least(minimum: int):
-    """An argparse type: an integer >= ``minimum``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
-
-    return parse
-
-
-positive_int, non_negative_int = int_at_least(1), int_at_least(0)
-
-
-DATASET_HELP = "cifar10, cifar100, cifar10-partial, cifar100-partial or npz"
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m core", description="Robust knowledge distillation (RSLAD, baselines).")
-    sub = parser.add_subparsers(dest="command", metavar="{distill,evaluate,compare,export,models,methods}")
-    sub.required = True
-
-    d = sub.add_parser("distill", help="train a student from a teacher and evaluate it",
-                       description="Train a student with a method (RSLAD by default), keep the best "
-                                   "checkpoint by validation PGD-20 accuracy, evaluate best and last on the "
-                                   "test set.")
-    d.add_argument("--teacher", metavar="PATH", help="teacher model file (omit for teacher-free methods)")
-    d.add_argument("--teacher-arch", metavar="NAME", help="architecture of a state-dict teacher")
-    d.add_argument("--teacher-normalize", metavar="MEAN;STD",
-                   help="normalisation the teacher expects, e.g. '0.4914,0.4822,0.4465;0.2471,0.2435,0.2616' "
-                        "or cifar10 / cifar100 (quote it: ';' ends a shell command)")
-    d.add_argument("--teacher-format", default="auto",
-                   help="auto, torchscript, export, state_dict or safetensors")
-    d.add_argument("--student", default="resnet18", metavar="NAME[,NAME...]",
-                   help="student architecture (python -m core models); several, comma-separated, are "
-                        "trained in one pass over the data sharing each teacher forward (DIR/ARCH-METHOD/)")
-    d.add_argument("--method", default="rslad", metavar="NAME[,NAME...]",
-                   help="training method (python -m core methods); several: every student with every method")
-    d.add_argument("--method-param", action="append", default=[], type=parse_param, metavar="KEY=VALUE",
-                   help="override a method hyper-parameter, e.g. steps=5 or milestones=[10,15]; "
-                        "METHOD.KEY=VALUE for one method only (rslad.kl_reduction=batchmean); repeatable")
-    d.add_argument("--dataset", default="cifar10", help=DATASET_HELP)
-    d.add_argument("--data-root", required=True, metavar="PATH", help="folder (or .npz file) with the data")
-    d.add_argument("--epochs", type=positive_int, help="default: the method's (RSLAD 300); milestones scale")
-    d.add_argument("--batch-size", type=positive_int, default=128)
-    d.add_argument("--lr", type=parse_fraction, metavar="LR",
-                   help="learning rate (default: 0.1 x batch-size/128, the linear rule; 0.1 at batch 128)")
-    d.add_argument("--warmup-epochs", type=non_negative_int, metavar="N",
-                   help="linear lr warm-up over N epochs (default: off, or min(5, epochs/10) when the "
-                        "linear rule raises the lr for a batch above 128)")
-    d.add_argument("--collapse-patience", type=non_negative_int, default=3, metavar="N",
-                   help="warn after N epochs with train and validation accuracy at chance and a flat loss "
-                        "(default 3; 0: off)")
-    d.add_argument("--allow-degenerate", action="store_true",
-                   help="keep a student (or teacher) at chance level instead of failing; the report flags it")
-    d.add_argument("--teacher-claimed-accuracy", type=parse_fraction, metavar="FRACTION",
-                   help="the teacher's known clean accuracy (e.g. 0.67): measured well below it is a warning")
-    d.add_argument("--eps", type=parse_fraction, help="L-inf budget for training and evaluation, e.g. 8/255")
-    d.add_argument("--train-subset", type=positive_int, metavar="N", help="train on the first N images only")
-    d.add_argument("--val-size", type=non_negative_int, default=1000,
-                   help="held-out training images for choosing the best checkpoint (default 1000)")
-    d.add_argument("--seed", type=non_negative_int, default=0)
-    d.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower)")
-    d.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    d.add_argument("--no-amp", dest="amp", action="store_const", const=False, default=None,
-                   help="train in fp32 (default: bf16 autocast where the hardware supports it)")
-    d.add_argument("--teacher-precision", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="the teacher's forward: auto = bf16 where native and amp is on, else fp32 "
-                        "(--no-amp runs the teacher in fp32 too)")
-    d.add_argument("--recipe", choices=("auto", "reference"), default="auto",
-                   help="reference: the methods' published settings; auto (default): the same, adjusted for "
-                        "short runs (python -m core methods lists the rules); explicit settings win")
-    d.add_argument("--no-channels-last", dest="channels_last", action="store_const", const=False,
-                   default=None, help="keep the contiguous memory format (default: channels_last with amp)")
-    d.add_argument("--attacks", type=parse_list, metavar="A,B,...",
-                   default=["clean", "fgsm", "pgd_sat", "pgd_trades", "cw_inf", "aa"],
-                   help="evaluation attacks (default clean,fgsm,pgd_sat,pgd_trades,cw_inf,aa)")
-    d.add_argument("--n-eval", type=positive_int, metavar="N", help="evaluate on the first N test images")
-    d.add_argument("--eval-batch-size", type=positive_int, default=256)
-    d.add_argument("--evaluate-teacher", action="store_true", help="also evaluate the teacher (Table 2)")
-    d.add_argument("--out", required=True, metavar="DIR",
-                   help="output folder; resumes when it holds a checkpoint.pt")
-    d.set_defaults(func=cmd_distill)
-
-    e = sub.add_parser("evaluate", help="evaluate a model file under attacks")
-    e.add_argument("--model", required=True, metavar="PATH")
-    e.add_argument("--arch", metavar="NAME", help="architecture of a state-dict model")
-    e.add_argument("--normalize", metavar="MEAN;STD")
-    e.add_argument("--format", default="auto")
-    e.add_argument("--dataset", default="cifar10", help=DATASET_HELP)
-    e.add_argument("--data-root", required=True, metavar="PATH")
-    e.add_argument("--attacks", type=parse_list, required=True, metavar="A,B,...")
-    e.add_argument("--n-examples", type=positive_int, metavar="N")
-    e.add_argument("--eps", type=parse_fraction, default=8 / 255)
-    e.add_argument("--batch-size", type=positive_int, default=256)
-    e.add_argument("--seed", type=non_negative_int, default=0)
-    e.add_argument("--device", default="auto")
-    e.add_argument("--job-test-split", action="store_true",
-                   help="npz without x_test: evaluate the seeded 20%% a distillation job with this --seed "
-                        "held out (to re-check its numbers) instead of the whole file")
-    e.add_argument("--out", required=True, metavar="report.json")
-    e.set_defaults(func=cmd_evaluate)
-
-    c = sub.add_parser("compare", help="is model B's accuracy significantly different from A's? "
-                                       "(McNemar's exact test on the same test examples)")
-    c.add_argument("report_a", metavar="A.json", help="a report.json (evaluate, distill or several students)")
-    c.add_argument("report_b", metavar="B.json")
-    c.add_argument("--attack", metavar="NAME", help="only this attack (default: every attack in both)")
-    c.add_argument("--checkpoint", choices=("best", "last"), default="best",
-                   help="which checkpoint of a distillation report (default best)")
-    c.add_argument("--student", metavar="NAME", help="the student of a several-student report (A, and B "
-                                                     "unless --student-b)")
-    c.add_argument("--student-b", metavar="NAME", help="B's student when it differs from A's")
-    c.add_argument("--json", action="store_true", help="print the comparisons as JSON")
-    c.set_defaults(func=cmd_compare)
-
-    x = sub.add_parser("export", help="export a student to safetensors, TorchScript, .pt2 and ONNX, "
-                                      "each checked against the model on test images")
-    x.add_argument("--model", required=True, metavar="PATH", help="the student (state dict or safetensors)")
-    x.add_argument("--arch", metavar="NAME", help="its architecture (python -m core models)")
-    x.add_argument("--num-classes", type=positive_int, metavar="C", help="checked against the dataset's")
-    x.add_argument("--formats", type=parse_list, metavar="F,...", help="default: all of "
-                   "safetensors,torchscript,export,onnx")
-    x.add_argument("--dataset", default="cifar10", help=DATASET_HELP)
-    x.add_argument("--data-root", required=True, metavar="PATH")
-    x.add_argument("--n-check", type=positive_int, default=256, metavar="N",
-                   help="test images the exports are checked on (at most 10000)")
-    x.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed |logit difference|")
-    x.add_argument("--prefix", default="student", help="file names: PREFIX.onnx, PREFIX.pt2, ...")
-    x.add_argument("--eps", type=parse_fraction, help="recorded in the safetensors metadata")
-    x.add_argument("--method", help="recorded in the safetensors metadata")
-    x.add_argument("--out", required=True, metavar="DIR")
-    x.set_defaults(func=cmd_export)
-
-    m = sub.add_parser("models", help="list the architectures")
-    m.add_argument("--json", action="store_true")
-    m.set_defaults(func=cmd_models)
-    t = sub.add_parser("methods", help="list the training methods and their defaults")
-    t.add_argument("--json", action="store_true")
-    t.set_defaults(func=cmd_methods)
-    return parser
-
-
 def _err(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
-
-
-def _accuracy_cell(row: dict[str, Any]) -> str:
-    """'61.20% [58.14, 64.17]': the accuracy and its 95% Wilson interval (computed for older reports)."""
-    from core.stats import rounded_interval
-
-    n = int(row["n"])
-    low, high = row.get("ci95") or rounded_interval(round(float(row["accuracy"]) * n), n)
-    return f"{float(row['accuracy']):.2%} [{100 * low:.2f}, {100 * high:.2f}]"
-
-
-def _worst_cell(row: dict[str, Any]) -> str:
-    worst = row.get("worst_class")
-    return "-" if not worst else f"{worst['class']}: {float(worst['accuracy']):.2%} (n={worst['n']})"
-
-
-def _accuracy_table(columns: dict[str, list[dict[str, Any]]]) -> str:
-    """Rows: attacks; per column (e.g. best / last): accuracy [95% interval], then the worst class."""
-    names: list[str] = []
-    for rows in columns.values():
-        names += [r["attack"] for r in rows if r["attack"] not in names]
-    lookup = {c: {r["attack"]: r for r in rows} for c, rows in columns.items()}
-    n = next((r["n"] for rows in columns.values() for r in rows), None)
-    cells = {c: {name: (_accuracy_cell(r), _worst_cell(r)) for name, r in lookup[c].items()} for c in columns}
-    width = max(len("attack"), *(len(n) for n in names))
-    cw = {c: max(len(c), *(len(v[0]) for v in cells[c].values())) for c in columns}
-    ww = {c: max(len("worst class"), *(len(v[1]) for v in cells[c].values())) for c in columns}
-    head = [f"{'attack':<{width}}"]
-    for c in columns:
-        head += [f"{c:>{cw[c]}}", f"{'worst class':<{ww[c]}}"]
-    lines = ["  ".join(head).rstrip()]
-    for name in names:
-        line = [f"{name:<{width}}"]
-        for c in columns:
-            acc, worst = cells[c].get(name, ("-", "-"))
-            line += [f"{acc:>{cw[c]}}", f"{worst:<{ww[c]}}"]
-        lines.append("  ".join(line).rstrip())
-    lines.append(f"(accuracy [95% Wilson interval, %] on n={n} test images; worst class: its accuracy and n)")
-    return "\n".join(lines)
-
-
-def _comparison_lines(comparisons: dict[str, Any]) -> list[str]:
-    """The several-student verdicts: each student against the reference, per attack."""
-    from core.compare import format_comparison
-
-    out = [f"comparisons ({comparisons['checkpoint']} checkpoints, against {comparisons['reference']}; "
-           f"{comparisons['test']}):"]
-    for r in comparisons.get("results", []):
-        if "error" in r:
-            out.append(f"  {r['student']}: not compared: {r['error']}")
-        else:
-            out.append("  " + format_comparison(r, r["reference"], r["student"]))
-    return out
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
@@ -305,14 +62,14 @@ def cmd_distill(args: argparse.Namespace) -> int:
         prefix = f"{name} " if name else ""
         columns = {f"{prefix}best (ep {final['best']['epoch']})": final["best"]["rows"],
                    f"{prefix}last (ep {final['last']['epoch']})": final["last"]["rows"]}
-        print(_accuracy_table(columns))
+        print(accuracy_table(columns))
         print()
     if report.get("teacher") and report["teacher"].get("evaluation"):
         print("teacher:")
-        print(_accuracy_table({"teacher": report["teacher"]["evaluation"]["rows"]}))
+        print(accuracy_table({"teacher": report["teacher"]["evaluation"]["rows"]}))
         print()
     if report.get("comparisons") and report["comparisons"].get("results"):
-        print("\n".join(_comparison_lines(report["comparisons"])))
+        print("\n".join(comparison_lines(report["comparisons"])))
         print()
     for message in report["warnings"]:
         _err(f"warning: {message}")
@@ -353,7 +110,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if out.parent != Path(""):
         out.parent.mkdir(parents=True, exist_ok=True)
     write_json(report, out)
-    print(_accuracy_table({Path(args.model).name[:14]: report["rows"]}))
+    print(accuracy_table({Path(args.model).name[:14]: report["rows"]}))
     for message in report["warnings"]:
         _err(f"warning: {message}")
     print(f"\nreport: {out}")
@@ -449,13 +206,19 @@ def _short(value: Any) -> str:
     return str(value)
 
 
+COMMANDS = {"distill": cmd_distill, "evaluate": cmd_evaluate, "compare": cmd_compare, "export": cmd_export,
+            "models": cmd_models, "methods": cmd_methods}
+
+__all__ = ["COMMANDS", "build_parser", "main", "parse_fraction", "parse_list", "parse_param"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = None
     try:
         args = parser.parse_args(argv)
-        return args.func(args)
-    except _UsageError as exc:
+        return COMMANDS[args.command](args)
+    except UsageError as exc:
         _err(f"error: {exc}")
         return EXIT_USER
     except UserError as exc:
