@@ -28,9 +28,13 @@ from core.config import DistillConfig
 from core.methods import METHODS
 from core.stats import wilson_interval
 
-TEACHER = "/work/shared/weights/abcrown_sdp_cifar_cnn_a_adv.model"
+SHARED = Path(__file__).resolve().parents[2] / "shared"  # the read-only data and weights beside the project
+TEACHER = str(SHARED / "weights" / "abcrown_sdp_cifar_cnn_a_adv.model")
 NORMALIZE = "0.4914,0.4824,0.4467;0.2471,0.2435,0.2616"
 BASELINES = ("sat", "trades", "mart")  # teacher-free robust training: what distillation must beat
+# "METHOD+igdm" in --methods: METHOD with the IGDM term at the weight of IGDM's published scripts;
+# "METHOD@auto" (or @reference): that method under one recipe only.
+IGDM_WEIGHT = 20.0
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -52,7 +56,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--teacher-arch", default="cnn_a")
     p.add_argument("--teacher-normalize", default=NORMALIZE)
     p.add_argument("--dataset", default="cifar10-partial")
-    p.add_argument("--data-root", default="/work/shared/data")
+    p.add_argument("--data-root", default=str(SHARED / "data"))
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--smoke", action="store_true",
@@ -73,19 +77,28 @@ def student_specs(args: argparse.Namespace, epochs: int) -> list[dict[str, Any]]
     """Every (student, method, recipe), with methods both recipes resolve alike trained once ('both')."""
     specs = []
     for arch in _list(args.students):
-        for method in _list(args.methods):
+        for entry in _list(args.methods):
+            variant, _, only = entry.partition("@")  # "METHOD@auto": that method under one recipe only
+            method, _, addon = variant.partition("+")
             has_steps = "steps" in METHODS[method].defaults
-            params = {"steps": args.attack_steps} if args.attack_steps and has_steps else {}
+            params: dict[str, Any] = {"steps": args.attack_steps} if args.attack_steps and has_steps else {}
+            if addon == "igdm":
+                params["igdm_weight"] = IGDM_WEIGHT
+            elif addon:
+                raise SystemExit(f"unknown add-on {addon!r} in {variant!r} (known: igdm)")
             resolved = {}
             for recipe in _list(args.recipes):
                 cfg = DistillConfig(method=method, method_params=params, epochs=epochs,
                                     batch_size=args.batch_size, eps=args.eps, recipe=recipe)
                 resolved[recipe] = cfg.build_method().params
-            recipes = _list(args.recipes)
+            recipes = [only] if only else _list(args.recipes)
+            if only and only not in resolved:
+                raise SystemExit(f"{entry!r}: recipe {only!r} is not one of --recipes {args.recipes}")
             if len(recipes) > 1 and all(resolved[r] == resolved[recipes[0]] for r in recipes):
                 recipes = ["both"]
             for recipe in recipes:
-                specs.append({"student": arch, "method": method, "name": f"{arch}-{method}-{recipe}",
+                specs.append({"student": arch, "method": method,
+                              "name": f"{arch}-{variant.replace('+', '_')}-{recipe}",
                               "recipe": "reference" if recipe == "both" else recipe, "method_params": params})
     return specs
 
@@ -96,15 +109,42 @@ def run_pass(args: argparse.Namespace, epochs: int, seed: int) -> dict[str, Any]
 
     out = args.out / f"budget{epochs}-seed{seed}"
     if (out / "report.json").is_file():
-        return json.loads((out / "report.json").read_text())
+        report = json.loads((out / "report.json").read_text())
+        if "aa" in _list(args.attacks):
+            add_autoattack_on_best(args, report, out)
+        return report
+    train_attacks = [a for a in _list(args.attacks) if a != "aa"] or ["clean"]
     cfg = DistillConfig(teacher_path=args.teacher, teacher_arch=args.teacher_arch,
                         teacher_normalize=args.teacher_normalize or None, dataset=args.dataset,
                         data_root=args.data_root, epochs=epochs, batch_size=args.batch_size, eps=args.eps,
                         train_subset=args.train_subset, val_size=args.val_size, seed=seed,
-                        attacks=_list(args.attacks), n_eval=args.n_eval, device=args.device, exports=[],
+                        attacks=train_attacks, n_eval=args.n_eval, device=args.device, exports=[],
                         allow_degenerate=True, students=student_specs(args, epochs))
     print(f"pass: {epochs} epochs, seed {seed}, {len(cfg.students or [])} students -> {out}", flush=True)
-    return run_distillation(cfg, out)
+    report = run_distillation(cfg, out)
+    if "aa" in _list(args.attacks):
+        add_autoattack_on_best(args, report, out)
+    return report
+
+
+def add_autoattack_on_best(args: argparse.Namespace, report: dict[str, Any], out: Path) -> None:
+    """AutoAttack on each student's best checkpoint only (its most expensive attack, not spent on 'last'),
+    on the same first n test images as the pass's other rows; kept in ``NAME/aa_best.json``."""
+    from core.pipeline import run_evaluation
+
+    for name, student in report["students"].items():
+        path = out / name / "aa_best.json"
+        if path.is_file():
+            row = json.loads(path.read_text())
+        else:
+            print(f"AutoAttack: {name} (best checkpoint)", flush=True)
+            result = run_evaluation(out / name / "student_best.pt", arch=student["config"]["student"],
+                                    dataset=args.dataset, data_root=args.data_root, attacks=["aa"],
+                                    n_examples=args.n_eval, eps=args.eps, device=args.device)
+            row = result["rows"][0]
+            path.write_text(json.dumps(row))
+        rows = student["final"]["best"]["rows"]
+        rows[:] = [r for r in rows if r["attack"] != "aa"] + [row]
 
 
 def _cell(row: dict[str, Any] | None) -> str:
@@ -125,7 +165,8 @@ def pass_rows(report: dict[str, Any], epochs: int, seed: int, attacks: list[str]
     out = []
     for name, s in students.items():
         method = s["train_config"]["method"]
-        arch, _, recipe = name.rsplit("-", 2)
+        arch, variant, recipe = name.rsplit("-", 2)
+        method = variant.replace("_", "+") if variant.endswith("_igdm") else method
         verdict = "-"
         if best is not None and name != best:
             r = compare_rows(rows_of[best][key], rows_of[name][key], a_label=best, b_label=name)
