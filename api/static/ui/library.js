@@ -84,6 +84,13 @@ function listPage(view, { title, id, form, columns, load }) {
   return refresh;
 }
 
+/** What the upload's accuracy check found (e.g. "a job on this teacher will fail its teacher check"). */
+function teacherWarnings(teacher) {
+  const check = (teacher.probe && teacher.probe.accuracy_check) || {};
+  const warnings = Array.isArray(check.warnings) ? check.warnings : [];
+  return warnings.length ? h("ul", { class: "warnings small" }, warnings.map((w) => h("li", {}, w))) : null;
+}
+
 export function showTeachers(view) {
   let refresh = () => {};
   const form = uploadForm({
@@ -107,7 +114,7 @@ export function showTeachers(view) {
     load: async () => (await get("/v1/teachers")).items.map((t) => ({
       id: t.id,
       remove: () => request("DELETE", `/v1/teachers/${encodeURIComponent(t.id)}`),
-      cells: [["Name", h("span", { title: t.id }, t.name)], ["Architecture", t.arch || "–"], ["Format", t.format],
+      cells: [["Name", h("div", {}, h("span", { title: t.id }, t.name), teacherWarnings(t))], ["Architecture", t.arch || "–"], ["Format", t.format],
         ["Classes", t.num_classes], ["Parameters", t.num_params.toLocaleString()], ["Size", bytes(t.size_bytes)],
         ["Clean accuracy", t.probe && t.probe.accuracy_check ? pct(t.probe.accuracy_check.accuracy) : "–"],
         ["Uploaded", when(t.created_at)]],
