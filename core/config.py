@@ -18,7 +18,7 @@ from core.methods.base import MAX_EPOCHS, MAX_LR
 from core.models import list_models
 from core.recipes import RECIPES, Budget, budget_for, check_recipe, recipe_overrides
 from core.teachers import FORMATS, parse_normalize
-from core.train import TEACHER_PRECISIONS
+from core.train_config import TEACHER_PRECISIONS
 
 DEFAULT_EPS = 8 / 255
 DEFAULT_ATTACKS = ("clean", "fgsm", "pgd_sat", "pgd_trades", "cw_inf", "aa")
