@@ -221,6 +221,8 @@ def upload(driver: Any, form: str, file: Path, fields: dict[str, str]) -> str:
         f"the {form} to finish",
     )
     assert not text_of(driver, f"#{form}-error"), text_of(driver, f"#{form}-error")
+    sent = driver.execute_script(f"return document.getElementById('{form}-progress').value")
+    assert sent == 1, f"the upload's progress bar ended at {sent}: upload.onprogress never reached the end"
     return text_of(driver, f"#{form}-status")
 
 

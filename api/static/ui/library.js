@@ -47,9 +47,9 @@ function uploadForm({ id, title, fileLabel, accept, fields, path, onDone }) {
       const fieldsNamed = e.errors.map((x) => `${x.loc.slice(1).join(".")}: ${x.msg}`);
       error.textContent = fieldsNamed.length ? fieldsNamed.join("; ") : e.message;
       status.textContent = "";
-    } finally {
-      submit.disabled = false;
       bar.hidden = true;
+    } finally {
+      submit.disabled = false; // after a success the bar stays, full, beside the "Kept" line
     }
   });
   return form;
