@@ -112,7 +112,9 @@ def _teacher_file(folder: Path) -> Path:
 # ---------------------------------------------------------------- the scenarios
 
 
-def _new_job(driver: Any, dataset_id: str, values: dict[str, str], several: bool = False) -> None:
+def _new_job(
+    driver: Any, dataset_id: str, values: dict[str, str], several: bool = False, teacher_id: str = ""
+) -> None:
     """Fill the form (one tiny_cnn trained with SAT, or the ``STUDENTS``) and send it."""
     from selenium.webdriver.support.ui import Select
 
@@ -122,7 +124,7 @@ def _new_job(driver: Any, dataset_id: str, values: dict[str, str], several: bool
         driver, lambda d: dash.find(d, "#new-job-form").get_attribute("data-ready") == "true", "the job form"
     )
     Select(dash.find(driver, "#f-dataset")).select_by_value(dataset_id)
-    Select(dash.find(driver, "#f-teacher_id")).select_by_value("")
+    Select(dash.find(driver, "#f-teacher_id")).select_by_value(teacher_id)
     Select(dash.find(driver, "#f-device")).select_by_value("cpu")
     dash.fill(driver, "#students .student-row input[name=student]", "tiny_cnn")
     dash.fill(driver, "#students .student-row input[name=method]", "sat")
@@ -222,6 +224,7 @@ def test_a_job_made_in_the_form_runs_live_to_its_evaluation_table(
             "method_params": '{"steps": 2}',
         },
         several=True,
+        teacher_id=teachers[0].id,  # SAT and TRADES use none: the job warns that it is ignored
     )
     dash.wait(browser, lambda d: "#/jobs/" in d.current_url, "the new job's page")
     job_id = browser.current_url.rsplit("/", 1)[1]
@@ -313,6 +316,11 @@ def test_a_job_made_in_the_form_runs_live_to_its_evaluation_table(
         shown = [c.text.strip() for c in dash.find_all(browser, where)]
         assert shown[2] == f"{dash.fixed(100 * result['diff'], sign=True)} pts", shown
         assert shown[4] == ("yes" if result["significant_at_5pct"] else "no"), shown
+    listed = browser.execute_script(
+        "return [...document.querySelectorAll('#warnings li')].map(li => li.textContent)"
+    )
+    warned = stack.client.jobs.get(job_id).warnings
+    assert warned and set(warned) <= set(listed), (warned, listed)  # the job's warnings, all shown
     names = {a.name for a in stack.client.jobs.artifacts(job_id)}
     dash.wait(
         browser,
