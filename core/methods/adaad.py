@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from core.methods.base import INITS, Batch, Method, full_precision
-from core.methods.igdm import IGDM_DEFAULTS, igdm_term
+from core.methods.igdm import IGDM_DEFAULTS, with_igdm
 
 
 def kl_teacher_student(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
@@ -75,8 +75,4 @@ class AdaAD(Method):
         alpha = self.params["alpha"]
         loss = alpha * kl_adv + (1.0 - alpha) * kl_nat
         terms = {"kl_adv": kl_adv, "kl_nat": kl_nat}
-        extra = igdm_term(self.params, student, batch, x_adv, epoch=epoch, logits=self.logits)
-        if extra is not None:
-            loss = loss + extra[0]
-            terms.update(extra[1])
-        return loss, terms
+        return with_igdm(loss, terms, self.params, student, batch, x_adv, epoch=epoch, logits=self.logits)

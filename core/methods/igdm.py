@@ -65,3 +65,13 @@ def igdm_term(params: dict[str, Any], student: nn.Module, batch: Any, x_adv: tor
     divergence = igdm_divergence(logits(student, batch, x_plus), logits(student, batch, x_minus),
                                  batch.teacher_logits_on(x_plus), batch.teacher_logits_on(x_minus))
     return weight * divergence, {"igdm": divergence, "igdm_weight": torch.tensor(weight)}
+
+
+def with_igdm(loss: torch.Tensor, terms: dict[str, torch.Tensor], params: dict[str, Any], student: nn.Module,
+              batch: Any, x_adv: torch.Tensor, *, epoch: int,
+              logits: LogitsFn) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A host method's (loss, terms) with the IGDM term added (unchanged when ``igdm_weight`` is 0)."""
+    extra = igdm_term(params, student, batch, x_adv, epoch=epoch, logits=logits)
+    if extra is None:
+        return loss, terms
+    return loss + extra[0], {**terms, **extra[1]}

@@ -10,7 +10,7 @@ from torch.nn import functional as F
 
 from core.errors import ConfigError
 from core.methods.base import INITS, Batch, Method, full_precision
-from core.methods.igdm import IGDM_DEFAULTS, igdm_term
+from core.methods.igdm import IGDM_DEFAULTS, with_igdm
 
 LOG_EPS = 1e-5  # the reference adds this inside log p_T in the outer KLs
 SOURCES = ("natural", "adversarial")
@@ -119,8 +119,4 @@ class RSLAD(Method):
         kl_nat = self.kl(self.label_for(batch, "nat", x_adv, logits_nat), logits_nat)
         loss = self.params["adv_weight"] * kl_adv + self.params["nat_weight"] * kl_nat
         terms = {"kl_adv": kl_adv, "kl_nat": kl_nat}
-        extra = igdm_term(self.params, student, batch, x_adv, epoch=epoch, logits=self.logits)
-        if extra is not None:
-            loss = loss + extra[0]
-            terms.update(extra[1])
-        return loss, terms
+        return with_igdm(loss, terms, self.params, student, batch, x_adv, epoch=epoch, logits=self.logits)
