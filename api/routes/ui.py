@@ -38,7 +38,8 @@ HEADERS = {
 MEDIA_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
 # name under /ui/ -> file; the page's own files, then the chart library's distribution files
 ASSETS: dict[str, Path] = {
-    **{p.name: p for p in STATIC.iterdir() if p.suffix in MEDIA_TYPES and p.name != "index.html"},
+    "index.html": STATIC / "index.html",
+    **{p.name: p for p in (STATIC.iterdir() if STATIC.is_dir() else ()) if p.suffix in MEDIA_TYPES},
     "vendor/uPlot.iife.min.js": VENDOR / "uPlot.iife.min.js",
     "vendor/uPlot.min.css": VENDOR / "uPlot.min.css",
 }
@@ -61,7 +62,7 @@ def ui_without_slash() -> RedirectResponse:
 @router.get("/ui/")
 def dashboard() -> FileResponse:
     """The single page; the views (jobs, a job, teachers, datasets) are chosen by the URL's #fragment."""
-    return _file(STATIC / "index.html")
+    return asset("index.html")
 
 
 @router.get("/ui/{name:path}")
@@ -69,8 +70,10 @@ def asset(name: str) -> FileResponse:
     path = ASSETS.get(name)
     if path is None:
         raise HTTPException(404, detail=f"no dashboard file {name[:64]!r}")
-    if not path.is_file():  # the npm step of scripts/setup.sh has not run
-        raise HTTPException(
-            503, detail="the dashboard's chart library is not installed: run scripts/setup.sh (npm ci in ui/)"
-        )
+    if not path.is_file():  # installed without the source tree's files, or setup.sh's npm step not run
+        if name.startswith("vendor/"):
+            detail = "the dashboard's chart library is not installed: run scripts/setup.sh (npm ci in ui/)"
+        else:
+            detail = "the dashboard's files are not installed with this server: run it from the source tree"
+        raise HTTPException(503, detail=detail)
     return _file(path)
