@@ -59,6 +59,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--data-root", default=str(SHARED / "data"))
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--table-only", action="store_true",
+                   help="train nothing: the table of every pass already under --out")
     p.add_argument("--smoke", action="store_true",
                    help="1 epoch, 64 training images, 32 evaluation images, no AutoAttack, 1 attack step")
     args = p.parse_args(argv)
@@ -169,27 +171,42 @@ def pass_rows(report: dict[str, Any], epochs: int, seed: int, attacks: list[str]
         method = variant.replace("_", "+") if variant.endswith("_igdm") else method
         verdict = "-"
         if best is not None and name != best:
-            r = compare_rows(rows_of[best][key], rows_of[name][key], a_label=best, b_label=name)
-            verdict = (f"{100 * r['diff']:+.1f} pts vs {students[best]['train_config']['method']}, "
-                       f"p={r['p_value']:.3g}{' (significant)' if r['significant_at_5pct'] else ''}")
+            verdict = _verdict(rows_of[best][key], rows_of[name][key],
+                               f"vs {students[best]['train_config']['method']}")
         elif name == best:
             verdict = "best baseline"
+        rslad = f"{arch}-rslad-auto"
+        vs_rslad = ("-" if rslad not in rows_of or name == rslad
+                    else _verdict(rows_of[rslad][key], rows_of[name][key], "vs rslad auto"))
+        reference = f"{arch}-{variant}-reference"
+        vs_reference = ("-" if recipe != "auto" or reference not in rows_of
+                        else _verdict(rows_of[reference][key], rows_of[name][key], "vs reference"))
         out.append({"budget": epochs, "seed": seed, "student": arch, "name": name, "method": method,
                     "recipe": recipe,
                     "cells": [_cell(rows_of[name].get(a)) for a in attacks], "verdict": verdict,
+                    "vs_rslad": vs_rslad, "auto_vs_reference": vs_reference,
                     "degenerate": bool(s.get("degenerate_student"))})
     return out
+
+
+def _verdict(a: dict[str, Any], b: dict[str, Any], label: str) -> str:
+    """B against A on the same examples: the difference, McNemar's p, and whether it is significant."""
+    r = compare_rows(a, b, a_label="a", b_label="b")
+    return (f"{100 * r['diff']:+.1f} pts {label}, p={r['p_value']:.3g}"
+            f"{' (significant)' if r['significant_at_5pct'] else ''}")
 
 
 def markdown(rows: list[dict[str, Any]], attacks: list[str]) -> str:
     labels = {"clean": "clean", "pgd_trades": "PGD", "pgd_sat": "PGD_SAT", "aa": "AA"}
     head = ["budget", "seed", "student", "method", "recipe", *(labels.get(a, a) for a in attacks),
-            f"vs best baseline ({labels.get(attacks[-1], attacks[-1])}, McNemar)"]
+            f"vs best baseline ({labels.get(attacks[-1], attacks[-1])}, McNemar)", "vs RSLAD (auto)",
+            "auto vs reference"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         flag = " (degenerate)" if r["degenerate"] else ""
-        lines.append("| " + " | ".join([str(r["budget"]), str(r["seed"]), r["student"],
-                                       r["method"], r["recipe"] + flag, *r["cells"], r["verdict"]]) + " |")
+        cells = [str(r["budget"]), str(r["seed"]), r["student"], r["method"], r["recipe"] + flag, *r["cells"],
+                 r["verdict"], r["vs_rslad"], r["auto_vs_reference"]]
+        lines.append("| " + " | ".join(cells) + " |")
     lines.append("\naccuracy % [95% Wilson interval] on the same first n test images per pass; best "
                  "checkpoint; p: McNemar's exact test, two-sided, against the pass's best of "
                  f"{', '.join(BASELINES)}")
@@ -203,15 +220,31 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args.out.mkdir(parents=True, exist_ok=True)
     attacks = _list(args.attacks)
     rows: list[dict[str, Any]] = []
-    for epochs in (int(b) for b in _list(args.budgets)):
-        for seed in (int(s) for s in _list(args.seeds)):
-            rows += pass_rows(run_pass(args, epochs, seed), epochs, seed, attacks)
+    if args.table_only:
+        for epochs, seed, path in _finished_passes(args.out):
+            report = json.loads(path.read_text())
+            if "aa" in attacks:
+                add_autoattack_on_best(args, report, path.parent)
+            rows += pass_rows(report, epochs, seed, attacks)
+    else:
+        for epochs in (int(b) for b in _list(args.budgets)):
+            for seed in (int(s) for s in _list(args.seeds)):
+                rows += pass_rows(run_pass(args, epochs, seed), epochs, seed, attacks)
     table = markdown(rows, attacks)
     print(table)
     (args.out / "table.md").write_text(table + "\n")
     result = {"rows": rows, "attacks": attacks, "table": table}
     (args.out / "study.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def _finished_passes(out: Path) -> list[tuple[int, int, Path]]:
+    """(budget, seed, report path) of every pass under ``out`` that wrote its report, longest budget first."""
+    found = []
+    for path in out.glob("budget*-seed*/report.json"):
+        budget, _, seed = path.parent.name.removeprefix("budget").partition("-seed")
+        found.append((int(budget), int(seed), path))
+    return sorted(found, key=lambda item: (-item[0], item[1]))
 
 
 if __name__ == "__main__":

@@ -115,3 +115,9 @@ def test_recipe_study_smoke(tmp_path, capsys):
     assert kl == {"tiny_cnn-rslad-auto": "batchmean", "tiny_cnn-rslad-reference": "reference"}
     assert result["rows"][0]["verdict"] == "best baseline" and "p=" in result["rows"][1]["verdict"]
     assert "| budget | seed |" in capsys.readouterr().out and (tmp_path / "out" / "table.md").is_file()
+    # RSLAD auto is paired with RSLAD reference, and every student with RSLAD auto
+    assert "vs reference, p=" in result["rows"][1]["auto_vs_reference"]
+    assert "vs rslad auto, p=" in result["rows"][0]["vs_rslad"]
+    # the table of the passes already run, rebuilt without training anything
+    again = bench("recipe_study").main(["--smoke", "--out", str(tmp_path / "out"), "--table-only"])
+    assert again["table"] == result["table"]
