@@ -37,6 +37,7 @@ from core.exported import check_attacks_for_format
 from core.files import finite, sha256_file, write_json
 from core.models import create_model
 from core.recipes import recipe_record
+from core.stats import history_with_intervals
 from core.student_outputs import finish_outputs
 from core.teachers import load_model_file
 from core.train import EventFn, StopFn, TrainConfig, Trainer
@@ -292,7 +293,7 @@ class _Inputs:
             "student_check": check,
             "dataset": dataset_info(self.data),
             "teacher": self.teacher_info,
-            "history": fit["history"],
+            "history": history_with_intervals(fit["history"], int(self.data.val.y.shape[0])),
             "best_selected_on": fit["best"]["metric"],
             "resumed_from_epoch": fit["resumed_from"],
             "final": final,

@@ -104,3 +104,18 @@ def rounded_interval(correct: int, n: int) -> list[float]:
     """The 95% Wilson interval as a report stores it: ``[lo, hi]`` rounded to 6 decimals."""
     low, high = wilson_interval(correct, n)
     return [round(low, 6), round(high, 6)]
+
+
+def history_with_intervals(history: list[dict[str, Any]], n_val: int) -> list[dict[str, Any]]:
+    """A training history as a report shows it: each validation accuracy with its 95% Wilson interval
+    (``val_clean_ci95``, ``val_robust_ci95``) and ``val_n``, the validation images it was measured on."""
+    out = []
+    for entry in history:
+        entry = dict(entry)
+        for key in ("val_clean_acc", "val_robust_acc"):
+            value = entry.get(key)
+            if n_val and isinstance(value, (int, float)) and math.isfinite(value):
+                entry[key.replace("_acc", "_ci95")] = rounded_interval(round(value * n_val), n_val)
+                entry["val_n"] = n_val
+        out.append(entry)
+    return out

@@ -196,6 +196,7 @@ def test_tiny_distill_writes_report_and_resumes(
     assert "worst class" in captured.out and "95% Wilson interval" in captured.out
     report = json.loads((out / "report.json").read_text())
     assert len(report["history"]) == 2 and report["config"]["eps"] == pytest.approx(8 / 255)
+    assert all(len(h["val_clean_ci95"]) == 2 and h["val_n"] > 0 for h in report["history"])
     assert [r["attack"] for r in report["final"]["last"]["rows"]] == ["clean", "fgsm"]
     assert report["final"]["best"]["epoch"] in (1, 2) and report["final"]["last"]["epoch"] == 2
     model = create_model("tiny_cnn", 2)

@@ -13,7 +13,14 @@ from core import stats
 from core.cli import main
 from core.compare import compare_rows, report_rows
 from core.multi import student_comparisons
-from core.stats import decode_bits, encode_bits, mcnemar_compare, mcnemar_exact_p, wilson_interval
+from core.stats import (
+    decode_bits,
+    encode_bits,
+    history_with_intervals,
+    mcnemar_compare,
+    mcnemar_exact_p,
+    wilson_interval,
+)
 
 SHA = "ab" * 32
 
@@ -28,6 +35,17 @@ def test_wilson_40_of_50_against_the_formula_by_hand() -> None:
     low, high = wilson_interval(40, 50)
     assert low == pytest.approx(centre - half, abs=1e-12) and high == pytest.approx(centre + half, abs=1e-12)
     assert low == pytest.approx(0.6696, abs=1e-4) and high == pytest.approx(0.8876, abs=1e-4)
+
+
+def test_history_validation_accuracies_carry_their_interval() -> None:
+    history = [{"epoch": 1, "loss": 1.0, "val_clean_acc": 0.8, "val_robust_acc": 0.5},
+               {"epoch": 2, "loss": 0.9, "val_clean_acc": float("nan")}]
+    out = history_with_intervals(history, 50)
+    assert out[0]["val_n"] == 50 and out[0]["val_clean_ci95"] == [0.669629, 0.887562]  # 40/50, as above
+    assert out[0]["val_robust_ci95"] == [round(v, 6) for v in wilson_interval(25, 50)]
+    assert "val_clean_ci95" not in out[1] and "val_robust_ci95" not in out[1]  # nothing measured
+    assert "val_n" not in history[0]  # the trainer's own history is left as it was
+    assert history_with_intervals(history, 0) == history  # no validation split, no interval
 
 
 def test_mcnemar_exact_against_hand_computation() -> None:
