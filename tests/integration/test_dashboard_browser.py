@@ -367,6 +367,15 @@ def test_a_job_made_in_the_form_runs_live_to_its_evaluation_table(
     dash.screenshot(browser, "job-phone")
     browser.execute_script("document.querySelector('[data-chart=accuracy]').scrollIntoView()")
     dash.screenshot(browser, "job-phone-charts")
+    for view, ready in (
+        ("jobs", f"#jobs-body tr[data-job-id='{job_id}']"),
+        ("teachers", "#teachers-body tr"),
+    ):
+        browser.get(f"{base}/ui/#/{view}")
+        dash.wait(browser, lambda d, ready=ready: dash.find_all(d, ready), f"the {view} page at phone size")
+        width = browser.execute_script("return [document.documentElement.scrollWidth, window.innerWidth]")
+        assert width[0] <= width[1], f"the {view} page is wider than the phone's screen: {width}"
+        dash.screenshot(browser, f"{view}-phone")
     sent += dash.requests_sent(browser)
 
     # Delete the (unused) teacher from its page, confirming the browser's dialog.
