@@ -31,6 +31,7 @@ from torch import nn
 
 from core.data import Split, iterate_batches
 from core.errors import UserError
+from core.stats import rounded_interval
 from core.teachers import NAMED_NORMALIZATIONS, Normalized
 
 CHANCE_Z = 3.0            # the binomial margin, in standard errors
@@ -66,8 +67,10 @@ def at_chance(accuracy: float | None, n: int, num_classes: int, z: float = CHANC
 
 
 def chance_record(accuracy: float, n: int, num_classes: int) -> dict[str, Any]:
-    """What a report says about one accuracy: the number, chance, the bound and the verdict."""
-    return {"accuracy": accuracy, "n": n, "chance": 1.0 / num_classes,
+    """What a report says about one accuracy: the number, its 95% interval, chance, the bound and the
+    verdict."""
+    interval = rounded_interval(round(accuracy * n), n) if n and math.isfinite(accuracy) else None
+    return {"accuracy": accuracy, "n": n, "ci95": interval, "chance": 1.0 / num_classes,
             "chance_bound": chance_bound(num_classes, n), "z": CHANCE_Z,
             "at_chance": at_chance(accuracy, n, num_classes)}
 

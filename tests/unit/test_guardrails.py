@@ -27,6 +27,7 @@ from core.guardrails import CollapseDetector, DegenerateStudent, TeacherCheckFai
 from core.methods import create_method
 from core.models import create_model
 from core.pipeline import run_distillation
+from core.stats import rounded_interval
 from core.train import Trainer
 
 CNN_A = "weights/abcrown_sdp_cifar_cnn_a_adv.model"
@@ -98,6 +99,10 @@ def test_lr_follows_the_batch_size_unless_set(colours32: Path, tmp_path: Path) -
     assert train["warmup_epochs"] == 0
     assert report["degenerate_student"] is False and list(report)[:2] == ["degenerate_student", "warnings"]
     assert report["student_check"]["accuracy"] > 0.6 and not report["student_check"]["at_chance"]
+    check = report["student_check"]
+    low, high = check["ci95"]  # the guardrail's accuracy carries its 95% Wilson interval too
+    assert low < check["accuracy"] < high and [low, high] == rounded_interval(round(check["accuracy"] *
+                                                                                     check["n"]), check["n"])
     assert not [w for w in report["warnings"] if "learnt" in w]
 
 
