@@ -431,6 +431,7 @@ def test_another_tenants_job_is_not_found_and_the_owner_cancels_it(stack: Stack,
     )
     assert stack.client.jobs.get(job_id).status == "cancelled"
     assert not dash.find(browser, "#cancel-job").is_displayed()
+    dash.wait(browser, lambda d: "No report" in dash.text_of(d, "#evaluation"), "the missing report said")
     sent = dash.requests_sent(browser)
     assert [u for u, h in sent if u.endswith(f"/v1/jobs/{job_id}/cancel")], "no cancel request"
 

@@ -77,7 +77,9 @@ export function showJob(view, jobId) {
     try {
       report = await get(`${path}/report`);
     } catch (e) {
-      if (e.status !== 404) evaluation.append(h("p", { class: "error" }, e.message));
+      clear(evaluation).append(h("h2", {}, "Evaluation"), e.status === 404
+        ? h("p", { class: "muted" }, `No report: the job ended (${job.status}) before writing one.`)
+        : h("p", { class: "error" }, e.message));
       return;
     }
     if (gone) return;
