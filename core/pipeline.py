@@ -201,7 +201,10 @@ class _Inputs:
                 self.teacher_info["evaluation"] = _evaluate(self.teacher, self.data, cfg, self.device,
                                                             should_stop)
         elif cfg.teacher_path:
-            self.warn(f"method {cfg.method!r} does not use a teacher; the teacher file is ignored")
+            methods = sorted({sub.method for sub in subs})
+            named = (f"method {methods[0]!r} does not use a teacher" if len(methods) == 1 else
+                     f"none of this job's methods ({', '.join(map(repr, methods))}) uses a teacher")
+            self.warn(f"{named}; the teacher file is ignored")
 
     def warn(self, message: str) -> None:
         self.warnings.append(message)

@@ -195,3 +195,13 @@ def test_later_methods_mix_in_one_pass(files, tmp_path: Path) -> None:
     temperatures = [m["method_state"]["temperature_adv"] for m in history]
     assert len(temperatures) == 2 and temperatures[0] != [1.0] * 4
     assert "igdm" in multi["students"]["tiny_cnn-adaad"]["history"][0]
+
+
+def test_a_teacher_given_to_teacher_free_students_is_ignored_with_their_names(files, tmp_path: Path) -> None:
+    """The warning names the job's own methods, not the single-student default ('rslad')."""
+    students = [{"student": "tiny_cnn", "method": "sat", "method_params": {"steps": 1}},
+                {"student": "tiny_cnn", "method": "trades", "method_params": {"steps": 1}}]
+    report = run_distillation(config(files, students=students, epochs=1, attacks=["clean"]), tmp_path / "m")
+    ignored = [w for w in report["warnings"] if "teacher file is ignored" in w]
+    assert ignored == ["none of this job's methods ('sat', 'trades') uses a teacher; the teacher file is "
+                       "ignored"]
