@@ -1,4 +1,11 @@
 # One image for every service role (migrate, api, worker): the compose file picks the command.
+
+# The dashboard's one browser dependency (uPlot), pinned by ui/package-lock.json; only its files travel on.
+FROM node:20-slim AS ui-assets
+WORKDIR /ui
+COPY ui/package.json ui/package-lock.json ./
+RUN npm ci --ignore-scripts --no-audit --no-fund
+
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -23,6 +30,7 @@ RUN mkdir -p core api worker service \
 
 # The source; PYTHONPATH=/app makes every package (service/ and migrations/ included) importable.
 COPY . .
+COPY --from=ui-assets /ui/node_modules ./ui/node_modules
 RUN pip install --no-deps . \
     && useradd --create-home --uid 1000 rd \
     && mkdir -p /var/lib/rd /scratch \
