@@ -1,13 +1,12 @@
 """Helpers of the dashboard's browser test (tests/integration/test_dashboard_browser.py): Chromium kept on
-this machine, reading the pages' DOM in ways that survive re-rendering, and stopping and starting the API
-process of a test stack."""
+this machine (tests/offline_browser.py), reading the pages' DOM in ways that survive re-rendering, and
+stopping and starting the API process of a test stack."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,60 +15,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import pytest
-
 try:
     from tests.integration.conftest_worker import Stack
 except ImportError:  # pytest's default import mode puts this folder itself on sys.path
     from conftest_worker import Stack  # type: ignore[no-redef]
+from offline_browser import start_offline_chromium  # noqa: F401  (the test starts its browser from here)
 
 REPO = Path(__file__).resolve().parents[2]
 SCREENSHOTS = REPO / "test-output" / "screenshots"
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
 WAIT_S = 45  # a page showing what the API answered: generous on 2 busy cores, not a speed target
-
-
-def browser_paths() -> tuple[str, str]:
-    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if shutil.which(p) is None]
-    if missing:
-        pytest.fail(
-            f"{' and '.join(missing)} not installed: run scripts/setup.sh as root "
-            "(apt-get install chromium chromium-driver)"
-        )
-    return CHROMIUM, CHROMEDRIVER
-
-
-def start_chromium(downloads: Path) -> Any:
-    """Headless Chromium that can reach 127.0.0.1 only (every other host resolves to nothing and anything
-    that would still go out meets a proxy on a closed port); downloads land in ``downloads``. The caller
-    sets SE_OFFLINE=true first, so Selenium Manager never tries to download a driver, and quits it."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    binary, driver_path = browser_paths()
-    options = webdriver.ChromeOptions()
-    options.binary_location = binary
-    for arg in (
-        "--headless=new",
-        "--no-sandbox",  # CI runs as root
-        "--disable-dev-shm-usage",
-        "--disable-gpu",
-        "--window-size=1280,1600",
-        "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
-        "--proxy-server=http://127.0.0.1:9",
-        "--proxy-bypass-list=127.0.0.1",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-    ):
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"performance": "ALL", "browser": "ALL"})
-    options.add_experimental_option(
-        "prefs", {"download.default_directory": str(downloads), "download.prompt_for_download": False}
-    )
-    return webdriver.Chrome(options=options, service=Service(executable_path=driver_path))
 
 
 RESTARTED: list[subprocess.Popen[bytes]] = []  # API processes a test started again (stopped with the stack)

@@ -72,7 +72,7 @@ def browser(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Any]:
     monkeypatch.setenv("SE_OFFLINE", "true")  # Selenium Manager must never try to download a driver
     downloads = tmp_path / "downloads"
     downloads.mkdir()
-    driver = dash.start_chromium(downloads)
+    driver = dash.start_offline_chromium(downloads)
     try:
         yield driver
     finally:

@@ -11,7 +11,6 @@ in the test's ``tmp_path``.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from urllib.parse import urlsplit
 
 import pytest
 from live_server import serve
+from offline_browser import start_offline_chromium
 
 from api.app import create_app
 from service.settings import Settings
@@ -29,20 +29,8 @@ pytestmark = [
     pytest.mark.timeout(120),
 ]
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
 RENDER_S = 45  # generous on 2 busy cores: "renders at all", not a speed target
 OPERATION_METHODS = {"get", "put", "post", "delete", "patch", "head", "options", "trace"}
-
-
-def _browser_paths() -> tuple[str, str]:
-    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if shutil.which(p) is None]
-    if missing:
-        pytest.fail(
-            f"{' and '.join(missing)} not installed: run scripts/setup.sh as root "
-            "(apt-get install chromium chromium-driver)"
-        )
-    return CHROMIUM, CHROMEDRIVER
 
 
 @pytest.fixture
@@ -55,30 +43,8 @@ def app(tmp_path: Path) -> Any:
 def browser(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """Headless Chromium with no way off this machine: every host but 127.0.0.1 resolves to nothing and
     anything that would still go out meets a proxy on a closed port."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    binary, driver_path = _browser_paths()
     monkeypatch.setenv("SE_OFFLINE", "true")  # Selenium Manager must never try to download a driver
-    options = webdriver.ChromeOptions()
-    options.binary_location = binary
-    for arg in (
-        "--headless=new",
-        "--no-sandbox",  # CI runs as root
-        "--disable-dev-shm-usage",
-        "--disable-gpu",
-        "--window-size=1280,1600",
-        "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
-        "--proxy-server=http://127.0.0.1:9",
-        "--proxy-bypass-list=127.0.0.1",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-    ):
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"performance": "ALL", "browser": "ALL"})
-    driver = webdriver.Chrome(options=options, service=Service(executable_path=driver_path))
+    driver = start_offline_chromium()
     try:
         yield driver
     finally:
