@@ -192,6 +192,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
             print(f"         auto picks  {picks}")
         else:
             print("         auto: the reference's values at every budget")
+        if rec["auto_leaves"]:
+            print(f"         ({rec['auto_leaves']})")
     return 0
 
 
