@@ -77,12 +77,26 @@ def test_a_silent_stream_sends_heartbeats_then_ends(
             job_state.transition(session, session.get(Job, job_id), "cancelled")
             session.commit()
 
-    thread = _later(0.5, finish)
+    # The job ends once a heartbeat has been seen (however slow a loaded machine is to start the stream);
+    # a fallback ends it after 30 s so that a stream without heartbeats fails the assertions, not hangs.
+    finished = threading.Event()
+
+    def finish_once() -> None:
+        if not finished.is_set():
+            finished.set()
+            finish()
+
+    fallback = threading.Thread(target=lambda: finished.wait(30.0) or finish_once())
+    fallback.start()
     headers = {"Authorization": f"Bearer {key}", "Accept": "text/event-stream"}
+    text = ""
     with client.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers) as r:
         assert r.status_code == 200
-        text = "".join(r.iter_text())
-    thread.join()
+        for chunk in r.iter_text():
+            text += chunk
+            if ": keep-alive" in text:
+                finish_once()
+    fallback.join()
     # The job's progress is set (as every job's is) and unchanged: silence is filled with comments.
     assert text.count("event: progress") == 1 and ": keep-alive\n\n" in text
     assert text.index("event: status") < text.index(": keep-alive") < text.index("event: end")
