@@ -128,8 +128,9 @@ class DistillConfig:
             params["epochs"] = self.epochs
         if self.eps is not None and "eps" in defaults:
             params["eps"] = float(self.eps)
+        explicit = set(self.method_params) | ({"lr"} if self.lr is not None else set())  # the user's win
         for key, (value, _why) in recipe_overrides(check_recipe(self.recipe), cls, self.budget(),
-                                                   set(self.method_params)).items():
+                                                   explicit).items():
             params[key] = value
         if (num_classes == 100 and "kl_scale" in defaults
                 and params.get("kl_reduction", defaults.get("kl_reduction")) == "reference"):

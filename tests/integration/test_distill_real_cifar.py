@@ -51,6 +51,8 @@ def test_distill_rslad_from_a_real_robust_teacher(shared_dir: Path, tmp_path: Pa
         "tiny_cnn",
         "--method",
         "rslad",
+        "--recipe",  # the reference recipe with batchmean set by hand: the linear-rule lr below
+        "reference",
         "--method-param",
         "kl_reduction=batchmean",
         "--method-param",

@@ -42,7 +42,10 @@ def test_auto_resolves_by_budget(epochs: int, batch_size: int, eps: float) -> No
         record = recipe_record("auto", method, cfg.budget(), {}, None, None)
         kl = record["values"]["kl_reduction"]
         assert kl["source"] == ("recipe" if short else "reference") and kl["why"]
-        assert record["values"]["lr"]["value"] == pytest.approx(0.1 * batch_size / 128)
+        # with the C-times larger batchmean gradient, auto halves the linear rule's lr
+        assert record["values"]["lr"]["value"] == pytest.approx((0.05 if short else 0.1) * batch_size / 128)
+        assert record["values"]["lr"]["source"] == ("recipe" if short else "reference")
+        assert method.lr == (pytest.approx(0.05 * batch_size / 128) if short else None)
         # 'reference' never changes the KL, whatever the budget
         ref = config(name, epochs=epochs, batch_size=batch_size, eps=eps, recipe="reference").build_method()
         assert ref.kl_reduction == "reference"
@@ -60,6 +63,10 @@ def test_explicit_settings_win_over_the_recipe() -> None:
     values = recipe_record("auto", method, cfg.budget(), cfg.method_params, 0.05, 2)["values"]
     assert values["kl_reduction"]["source"] == "user" and values["step_size"]["source"] == "user"
     assert values["lr"] == {"value": 0.05, "why": "job-level lr", "source": "user"}
+    # a job-level lr keeps the recipe's lr away; so does the method's own
+    assert config("rslad", epochs=15, lr=0.2).build_method().lr is None
+    assert config("rslad", epochs=15, method_params={"lr": 0.3}).build_method().lr == 0.3
+    assert config("rslad", epochs=15).build_method().lr == pytest.approx(0.05)
     assert values["warmup_epochs"]["value"] == 2
     # an explicit step wins over the eps scaling too
     assert config("sat", eps=EPS2, method_params={"step_size": 0.01}).build_method().step_size == 0.01
@@ -71,8 +78,8 @@ def test_rules_follow_declared_parameters_not_names() -> None:
     assert kl_methods == {"rslad", "adaad", "absld"}
     assert not kl_methods & {"sat", "trades", "mart", "natural", "iad", "ard"}
     table = {row["method"]: row for row in describe_recipes(METHODS)}
-    assert table["rslad"]["auto_at_epochs"] == {"15": {"kl_reduction": "batchmean"},
-                                               "300": {"kl_reduction": "reference"}}
+    assert table["rslad"]["auto_at_epochs"] == {"15": {"kl_reduction": "batchmean", "lr": 0.05},
+                                               "300": {"kl_reduction": "reference", "lr": None}}
     assert table["sat"]["auto_rules"] == []
 
 
