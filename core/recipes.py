@@ -65,26 +65,25 @@ def _kl_over_b_times_c(cls: type[Method]) -> bool:
             and cls.defaults.get("temperature", 1.0) == 1.0)
 
 
+# Both rules concern the same runs: a short run of an untempered KL method that averages over B x C.
+_SHORT_KL_RUN: dict[str, Any] = {"applies": _kl_over_b_times_c,
+                                 "condition": f"epochs < {KL_BATCHMEAN_BELOW_EPOCHS}",
+                                 "when": lambda b: b.epochs < KL_BATCHMEAN_BELOW_EPOCHS}
+
 AUTO_RULES: tuple[Rule, ...] = (
     Rule(key="kl_reduction", value="batchmean",
          methods="untempered KL methods whose reference averages over B x C (rslad, adaad, absld; not ard)",
-         applies=_kl_over_b_times_c,
-         condition=f"epochs < {KL_BATCHMEAN_BELOW_EPOCHS}",
-         when=lambda b: b.epochs < KL_BATCHMEAN_BELOW_EPOCHS,
          why="the mean over B x C divides the KL's gradient by the class count, which 300 epochs absorb "
              "but a short run does not: in the recipe study at 15 epochs (conv_small, CIFAR-10, eps 2/255, "
              "AutoAttack on 500 test images) RSLAD reached 18.8% with it and 32.0% with batchmean, AdaAD "
-             "17.2% and 28.0% (both differences significant, McNemar p < 1e-7; SAT: 30.2%)"),
+             "17.2% and 28.0% (both differences significant, McNemar p < 1e-7; SAT: 30.2%)", **_SHORT_KL_RUN),
     Rule(key="lr", value=0.05, linear_in_batch=True,
          methods="the methods the batchmean rule switches (rslad, adaad, absld)",
-         applies=_kl_over_b_times_c,
-         condition=f"epochs < {KL_BATCHMEAN_BELOW_EPOCHS}",
-         when=lambda b: b.epochs < KL_BATCHMEAN_BELOW_EPOCHS,
          why="half the linear rule: batchmean makes the KL's gradient C times the reference's, and at lr "
              "0.1 the recipe study's RSLAD student (seed 1, 15 epochs) collapsed to chance for most epochs "
              "(14.8% AutoAttack against SAT's 27.8%); at lr 0.05 it reached 26.0% with seed 1 and 28.4% with "
              "seed 0, neither significantly different from SAT (p = 0.46, 0.47); lr 0.1 did better with seed "
-             "0 (32.0%) but is not safe"),
+             "0 (32.0%) but is not safe", **_SHORT_KL_RUN),
 )
 
 # What 'auto' deliberately leaves alone, for the README and ``python -m core methods``.
