@@ -135,8 +135,7 @@ class ABSLD(Method):
     def kl(self, target: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """RSLAD's reference KL: sum p_T (log(p_T + 1e-5) - log p_S) / (B x C), or / B ('batchmean')."""
         elements = target * (torch.log(target + LOG_EPS) - F.log_softmax(logits, dim=1))
-        denominator = elements.numel() if self.params["kl_reduction"] == "reference" else elements.shape[0]
-        return elements.sum() / denominator
+        return self.reduce_kl(elements)
 
     def outer(self, student: nn.Module, batch: Batch, x_adv: torch.Tensor | None, *,
               epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

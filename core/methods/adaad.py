@@ -63,8 +63,7 @@ class AdaAD(Method):
 
     def kl(self, teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
         elements = kl_teacher_student(teacher_logits.detach(), student_logits)
-        denominator = elements.numel() if self.params["kl_reduction"] == "reference" else elements.shape[0]
-        return elements.sum() / denominator
+        return self.reduce_kl(elements)
 
     def outer(self, student: nn.Module, batch: Batch, x_adv: torch.Tensor | None, *,
               epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -56,7 +56,6 @@ class ARD(Method):
         logits_adv = self.logits(student, batch, x_adv)
         logits_nat = self.logits(student, batch, batch.x)
         kl_elements = F.kl_div(F.log_softmax(logits_adv / t, dim=1), p_teacher, reduction="none")
-        denominator = kl_elements.numel() if self.params["kl_reduction"] == "reference" else len(batch.y)
-        kl = kl_elements.sum() / denominator
+        kl = self.reduce_kl(kl_elements)
         ce = F.cross_entropy(logits_nat, batch.y)
         return alpha * t * t * kl + (1.0 - alpha) * ce, {"kl_adv": kl, "ce_nat": ce}

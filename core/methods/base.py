@@ -242,6 +242,14 @@ class Method:
             out = model(x)
         return full_precision(out)
 
+    def reduce_kl(self, elements: torch.Tensor) -> torch.Tensor:
+        """Sum a (B, C) tensor of per-class KL terms as ``kl_reduction`` says: 'reference' averages over all
+        B x C elements (``nn.KLDivLoss()``'s mean in the reference codes, = batch-mean KL / C); 'batchmean'
+        divides by B only."""
+        if self.params["kl_reduction"] == "reference":
+            return elements.sum() / elements.numel()
+        return elements.sum() / elements.shape[0]
+
     @staticmethod
     def ce_sum(y: torch.Tensor) -> LossFn:
         """Summed cross-entropy for the attacks: the sum (not mean) keeps tiny per-sample gradients from

@@ -108,8 +108,7 @@ class RSLAD(Method):
         """The reference's outer KL: sum p_T (log(p_T + 1e-5) - log p_S), reduced and scaled."""
         t = self.params["temperature"]
         elements = target * (torch.log(target + LOG_EPS) - F.log_softmax(logits / t, dim=1))
-        denominator = elements.numel() if self.params["kl_reduction"] == "reference" else elements.shape[0]
-        return self.params["kl_scale"] * t * t * elements.sum() / denominator
+        return self.params["kl_scale"] * t * t * self.reduce_kl(elements)
 
     def outer(self, student: nn.Module, batch: Batch, x_adv: torch.Tensor | None, *,
               epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
