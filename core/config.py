@@ -16,9 +16,9 @@ from core.errors import ConfigError
 from core.methods import METHODS, Method, create_method
 from core.methods.base import MAX_EPOCHS, MAX_LR
 from core.models import list_models
-from core.recipes import RECIPES, Budget, budget_for, check_recipe, recipe_overrides
+from core.recipes import Budget, budget_for, check_recipe, recipe_overrides
 from core.teachers import FORMATS, parse_normalize
-from core.train_config import TEACHER_PRECISIONS
+from core.train_config import check_teacher_precision
 
 DEFAULT_EPS = 8 / 255
 DEFAULT_ATTACKS = ("clean", "fgsm", "pgd_sat", "pgd_trades", "cw_inf", "aa")
@@ -161,9 +161,10 @@ class DistillConfig:
                 raise ConfigError(f"students[{i}]: unknown key(s) {', '.join(extra)}; "
                                   "allowed: student, method, method_params, name, recipe")
             recipe = spec.get("recipe") or self.recipe
-            if recipe not in RECIPES:
-                raise ConfigError(f"students[{i}]: recipe must be one of {', '.join(RECIPES)}, "
-                                  f"got {recipe!r}")
+            try:
+                check_recipe(recipe)
+            except ConfigError as exc:
+                raise ConfigError(f"students[{i}]: {exc}") from None
             name = str(spec.get("name") or f"{spec['student']}-{spec['method']}")
             if not _NAME.fullmatch(name):
                 raise ConfigError(f"students[{i}]: name {name!r} must be letters, digits, '_', '-' or '.' "
@@ -178,9 +179,7 @@ class DistillConfig:
         """Raise ConfigError for anything that would fail later; return the method it describes (the
         first student's, for several)."""
         check_recipe(self.recipe)
-        if self.teacher_precision not in TEACHER_PRECISIONS:
-            raise ConfigError(f"teacher_precision must be one of {', '.join(TEACHER_PRECISIONS)}, got "
-                              f"{self.teacher_precision!r}")
+        check_teacher_precision(self.teacher_precision)
         if self.students is not None:
             if not self.students:
                 raise ConfigError("students is empty: list at least one {student, method}")

@@ -57,12 +57,17 @@ class TrainConfig:
 TEACHER_PRECISIONS = ("auto", "fp32", "bf16")
 
 
-def resolve_teacher_bf16(precision: str, teacher_amp: bool | None, amp: bool, native: bool) -> bool:
-    """Whether the teacher's forward runs in bf16: as ``precision`` says; 'auto' follows ``teacher_amp``
-    when given, else bf16 only where it is native and the student's amp is on."""
+def check_teacher_precision(precision: object) -> str:
     if precision not in TEACHER_PRECISIONS:
         raise ConfigError(f"teacher_precision must be one of {', '.join(TEACHER_PRECISIONS)}, "
                           f"got {precision!r}")
+    return str(precision)
+
+
+def resolve_teacher_bf16(precision: str, teacher_amp: bool | None, amp: bool, native: bool) -> bool:
+    """Whether the teacher's forward runs in bf16: as ``precision`` says; 'auto' follows ``teacher_amp``
+    when given, else bf16 only where it is native and the student's amp is on."""
+    check_teacher_precision(precision)
     if precision != "auto":
         return precision == "bf16"
     if teacher_amp is not None:
